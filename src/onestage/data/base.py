@@ -1,0 +1,110 @@
+"""The one dataset interface every format reads into.
+
+A format reader (VOC, COCO JSON, YOLO txt, synthetic shapes) produces a list of
+``ImageRecord`` plus the class names; ``DetectionDataset`` turns records into training
+samples through a transform; ``collate`` pads a batch.
+
+Contracts:
+- ``ImageRecord.boxes``: (N, 4) float32 xyxy in absolute pixels of the image as stored on
+  disk after EXIF orientation is applied (the frame a user sees in an image viewer).
+- ``ImageRecord.labels``: (N,) int64 in [0, C): foreground class index into ``class_names``.
+  SSD adds 1 internally because its class 0 is background; nothing else does.
+- A sample (``DetectionDataset.__getitem__``): ``image`` (3, S, S) float32 normalized,
+  ``boxes`` (N, 4) float32 xyxy normalized to [0, 1] of the network input, ``labels`` (N,),
+  plus ``index`` into the records so that evaluation can look up the original size.
+- A batch (``collate``): ``images`` (B, 3, S, S); ``boxes`` (B, M, 4) padded with zeros;
+  ``labels`` (B, M) padded with -1 (``PAD_LABEL``); ``indices`` (B,).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+PAD_LABEL = -1
+
+
+@dataclass
+class ImageRecord:
+    """One image and its annotations, as read from disk (see the module docstring)."""
+
+    image_id: int | str
+    width: int
+    height: int
+    boxes: np.ndarray  # (N, 4) float32 xyxy absolute pixels
+    labels: np.ndarray  # (N,) int64 in [0, C)
+    difficult: np.ndarray | None = None  # (N,) bool; VOC `difficult`, COCO `iscrowd`
+    path: Path | None = None  # image file; None for images held in memory (synthetic data)
+    image: np.ndarray | None = None  # (H, W, 3) uint8 RGB when held in memory
+
+    def __post_init__(self) -> None:
+        self.boxes = np.asarray(self.boxes, dtype=np.float32).reshape(-1, 4)
+        self.labels = np.asarray(self.labels, dtype=np.int64).reshape(-1)
+        if self.difficult is None:
+            self.difficult = np.zeros(len(self.labels), dtype=bool)
+        self.difficult = np.asarray(self.difficult, dtype=bool).reshape(-1)
+        if not (len(self.boxes) == len(self.labels) == len(self.difficult)):
+            raise ValueError(
+                f"{self.path or self.image_id}: {len(self.boxes)} boxes, {len(self.labels)} labels, "
+                f"{len(self.difficult)} difficult flags; they must be equal"
+            )
+
+
+# A transform maps (image HxWx3 uint8 RGB, boxes (N,4) xyxy pixels, labels (N,)) to
+# (image (3,S,S) float32 tensor, boxes (N,4) xyxy normalized, labels (N,)).
+Transform = Callable[[np.ndarray, np.ndarray, np.ndarray], tuple[Tensor, np.ndarray, np.ndarray]]
+
+
+@dataclass
+class DetectionDataset(torch.utils.data.Dataset):
+    """Records + class names + a transform = a map-style torch dataset."""
+
+    records: Sequence[ImageRecord]
+    class_names: list[str]
+    transform: Transform
+    image_loader: Callable[[ImageRecord], np.ndarray] = field(default=None)  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        if self.image_loader is None:
+            from onestage.data.io import load_record_image
+
+            self.image_loader = load_record_image
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict:
+        rec = self.records[index]
+        image = self.image_loader(rec)
+        # Training and evaluation never see `difficult` boxes' labels differently: they are
+        # ignored by the evaluator only, so the model still learns from them.
+        image_t, boxes, labels = self.transform(image, rec.boxes.copy(), rec.labels.copy())
+        return {
+            "image": image_t,
+            "boxes": torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+            "labels": torch.as_tensor(labels, dtype=torch.int64).reshape(-1),
+            "index": index,
+        }
+
+
+def collate(samples: list[dict]) -> dict[str, Tensor]:
+    """Stack images and pad boxes/labels to the largest count in the batch."""
+    batch = len(samples)
+    most = max([len(s["labels"]) for s in samples] + [1])
+    boxes = torch.zeros(batch, most, 4)
+    labels = torch.full((batch, most), PAD_LABEL, dtype=torch.int64)
+    for i, s in enumerate(samples):
+        n = len(s["labels"])
+        boxes[i, :n] = s["boxes"]
+        labels[i, :n] = s["labels"]
+    return {
+        "images": torch.stack([s["image"] for s in samples]),
+        "boxes": boxes,
+        "labels": labels,
+        "indices": torch.tensor([s["index"] for s in samples], dtype=torch.int64),
+    }
