@@ -41,6 +41,7 @@ class ImageRecord:
     difficult: np.ndarray | None = None  # (N,) bool; VOC `difficult`, COCO `iscrowd`
     path: Path | None = None  # image file; None for images held in memory (synthetic data)
     image: np.ndarray | None = None  # (H, W, 3) uint8 RGB when held in memory
+    areas: np.ndarray | None = None  # (N,) COCO annotation `area` (segment area); box area when None
 
     def __post_init__(self) -> None:
         self.boxes = np.asarray(self.boxes, dtype=np.float32).reshape(-1, 4)

@@ -1,0 +1,282 @@
+"""Typed, strict experiment configuration.
+
+A YAML experiment file is read with ``yaml.safe_load`` and validated by the pydantic
+models below. Every model forbids unknown keys, so a typo is an error that names the key
+path (``train.warmup_stpes``) and the keys that are allowed there. Command-line overrides
+(``train.lr=0.01``) are parsed as YAML scalars and applied by dotted key before validation.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the file and the key path."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------- model
+class PriorsConfig(Strict):
+    """SSD default boxes (DESIGN.md section 3). Feature-map sizes come from the model."""
+
+    # Linear scales as in the SSD paper (s_min..s_max), used when min_sizes is empty.
+    s_min: float = Field(0.2, gt=0, le=1)
+    s_max: float = Field(0.9, gt=0, le=1.5)
+    # Explicit sizes in input pixels (the reference SSD300: 30..264 and 60..315).
+    min_sizes: list[float] = []
+    max_sizes: list[float] = []
+    # Step between cell centres in input pixels; empty: input_size / feature map size.
+    steps: list[float] = []
+    # Aspect ratios per map, beyond 1: [2] gives 4 boxes per cell, [2, 3] gives 6.
+    aspect_ratios: list[list[float]] = [[2], [2, 3], [2, 3], [2, 3], [2], [2]]
+    clip: bool = True
+
+
+class AnchorsConfig(Strict):
+    """YOLOv3 anchors in input pixels, one list per output scale (stride 32, 16, 8)."""
+
+    sizes: list[list[tuple[float, float]]] = [
+        [(116, 90), (156, 198), (373, 326)],
+        [(30, 61), (62, 45), (59, 119)],
+        [(10, 13), (16, 30), (33, 23)],
+    ]
+
+
+class ModelConfig(Strict):
+    # Which detector: SSD-family heads score C+1 classes, YOLO ones objectness + C.
+    arch: Literal["ssd", "ssdlite", "yolov3", "yolov1"] = "ssd"
+    backbone: Literal["mobilenet_v2", "vgg16", "darknet53", "tiny"] = "mobilenet_v2"
+    width_mult: float = Field(1.0, gt=0, le=2)  # MobileNetV2 width multiplier
+    input_size: int = Field(300, ge=32, le=2048)  # square network input, pixels
+    # SSD extra layers' output channels after the backbone maps (the 5, 3, 1 maps at 300).
+    extra_channels: list[int] = [512, 256, 256]
+    priors: PriorsConfig = PriorsConfig()
+    anchors: AnchorsConfig = AnchorsConfig()
+    # ImageNet weights for the backbone, in torchvision's state_dict format (optional).
+    backbone_weights: Path | None = None
+
+
+# --------------------------------------------------------------------------- assignment + loss
+class MatcherConfig(Strict):
+    """SSD matching (DESIGN.md section 3): positive >= pos_iou, background < neg_iou."""
+
+    pos_iou: float = Field(0.5, gt=0, le=1)
+    neg_iou: float = Field(0.4, gt=0, le=1)
+
+    @model_validator(mode="after")
+    def _order(self) -> "MatcherConfig":
+        if self.neg_iou > self.pos_iou:
+            raise ValueError(f"neg_iou ({self.neg_iou}) must be <= pos_iou ({self.pos_iou})")
+        return self
+
+
+class LossConfig(Strict):
+    alpha: float = Field(1.0, ge=0)  # weight of the localization term
+    beta: float = Field(1.0, gt=0)  # smooth L1 threshold
+    neg_pos_ratio: float = Field(3.0, ge=0)  # hard negatives kept per positive
+    normalize: Literal["batch", "image"] = "batch"  # divide by positives of the batch / each image
+    variances: tuple[float, float] = (0.1, 0.2)
+
+
+# --------------------------------------------------------------------------- data
+class DatasetConfig(Strict):
+    format: Literal["shapes", "voc", "coco", "yolo"] = "shapes"
+    root: Path | None = None  # dataset folder; relative paths are relative to the config file
+    split: str | None = None  # VOC ImageSets name, YOLO split folder, CSV split file...
+    annotations: Path | None = None  # COCO JSON or a CSV list of image files
+    images: Path | None = None  # image folder when it is not implied by the format
+    # Synthetic shapes: how many images and which seed generates them.
+    num_images: int = Field(256, ge=1)
+    seed: int = 0
+    limit: int | None = Field(None, ge=1)  # keep only the first N images (smoke tests)
+
+
+class AugmentConfig(Strict):
+    # "ssd": photometric + zoom-out + min-IoU crop + flip; "yolo": letterbox + HSV + affine + flip;
+    # "flip": horizontal flip only; "none": resize only.
+    preset: Literal["ssd", "yolo", "flip", "none"] = "ssd"
+    zoom_out: float = Field(4.0, ge=1)  # largest canvas / image ratio for zoom-out
+    photometric: bool = True
+    min_visible: float = Field(0.3, ge=0, le=1)  # drop a cropped box keeping less of its area
+
+
+class DataConfig(Strict):
+    train: DatasetConfig = DatasetConfig()
+    val: DatasetConfig = DatasetConfig(seed=1, num_images=64)
+    class_names: list[str] | None = None  # default: what the dataset declares
+    augment: AugmentConfig = AugmentConfig()
+    on_error: Literal["raise", "skip"] = "raise"
+    num_workers: int = Field(0, ge=0)
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+
+# --------------------------------------------------------------------------- training
+class OptimConfig(Strict):
+    name: Literal["sgd", "adamw"] = "sgd"
+    lr: float = Field(0.01, gt=0)  # base learning rate, reached at the end of warmup
+    momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = False
+    weight_decay: float = Field(5e-4, ge=0)  # never applied to norm and bias parameters
+    betas: tuple[float, float] = (0.9, 0.999)  # AdamW
+
+
+class ScheduleConfig(Strict):
+    name: Literal["cosine", "step"] = "cosine"
+    warmup_steps: int = Field(100, ge=0)
+    min_lr: float = Field(0.0, ge=0)
+    # step decay: multiply by gamma at these fractions of training (older recipes)
+    milestones: list[float] = [0.66, 0.88]
+    gamma: float = Field(0.1, gt=0, le=1)
+
+
+class PrecisionConfig(Strict):
+    amp: bool = True
+    dtype: Literal["auto", "float16", "bfloat16"] = "auto"  # auto: fp16 on GPU, bf16 on CPU
+    loss_scale: Union[Literal["dynamic"], float] = "dynamic"  # fp16 only; bf16 needs none
+    force_fp32: list[Literal["iou", "loss_reduction", "nms", "decode", "softmax"]] = [
+        "iou",
+        "loss_reduction",
+        "nms",
+    ]
+    channels_last: bool = True
+
+
+class EMAConfig(Strict):
+    enabled: bool = True
+    decay: float = Field(0.999, ge=0, lt=1)
+    start_step: int = Field(0, ge=0)
+    update_every: int = Field(1, ge=1)
+    use_for_eval: bool = True
+
+
+class TrainConfig(Strict):
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(16, ge=1)
+    time_budget: float | None = Field(None, gt=0)  # minutes; stretches the schedule over it
+    grad_clip: float | None = Field(10.0, gt=0)  # max gradient norm; null disables
+    accumulate: int = Field(1, ge=1)  # gradient accumulation steps
+    eval_every: int = Field(1, ge=1)  # epochs between validations
+    best_metric: str = "voc_ap50"
+    max_nonfinite_steps: int = Field(10, ge=1)
+    log_every: int = Field(10, ge=1)
+    out_dir: Path = Path("runs")
+    name: str | None = None  # run folder name; default: config stem + time
+
+
+class EvalConfig(Strict):
+    score_threshold: float = Field(0.01, ge=0, le=1)  # DESIGN.md: 0.01 SSD, 0.001 YOLO
+    display_threshold: float = Field(0.4, ge=0, le=1)  # for drawn predictions
+    nms_iou: float = Field(0.45, gt=0, le=1)
+    pre_nms_top_k: int = Field(200, ge=1)  # per class
+    max_detections: int = Field(200, ge=1)  # per image
+    iou_threshold: float = Field(0.5, gt=0, le=1)  # VOC AP
+    voc_metric: Literal["area", "11point"] = "area"
+    num_images_drawn: int = Field(8, ge=0)
+
+
+class Config(Strict):
+    seed: int = 0
+    model: ModelConfig = ModelConfig()
+    matcher: MatcherConfig = MatcherConfig()
+    loss: LossConfig = LossConfig()
+    data: DataConfig = DataConfig()
+    optim: OptimConfig = OptimConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    precision: PrecisionConfig = PrecisionConfig()
+    ema: EMAConfig = EMAConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+
+
+# --------------------------------------------------------------------------- loading
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid configuration"]
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"]) or "<root>"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = f"unknown key; allowed here: {', '.join(_allowed_keys(e['loc']))}"
+        lines.append(f"  {path}: {msg}")
+    return "\n".join(lines)
+
+
+def _allowed_keys(loc: tuple) -> list[str]:
+    model: Any = Config
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part)) if isinstance(model, type) else None
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return []
+        model = field.annotation
+    return sorted(model.model_fields)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``a.b.c=value`` -> (["a", "b", "c"], value parsed as a YAML scalar or list)."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r}: expected key=value, e.g. train.epochs=5")
+    key, raw = item.split("=", 1)
+    if not key:
+        raise ConfigError(f"override {item!r}: empty key")
+    return key.split("."), yaml.safe_load(raw) if raw != "" else None
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    for item in overrides:
+        path, value = parse_override(item)
+        node = data
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: {part} is not a section")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def _resolve_paths(cfg: Config, base: Path) -> None:
+    """Make relative dataset paths relative to the config file, as a user expects."""
+    for ds in (cfg.data.train, cfg.data.val):
+        for name in ("root", "annotations", "images"):
+            value = getattr(ds, name)
+            if value is not None and not value.is_absolute():
+                candidate = (base / value).resolve()
+                # A path that exists from the working directory wins (commands run from the repo).
+                setattr(ds, name, value.resolve() if value.exists() else candidate)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML experiment file (or defaults when None), apply overrides, validate."""
+    source = str(path) if path is not None else "<defaults>"
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: no such config file")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    data = apply_overrides(data, overrides or [])
+    try:
+        cfg = Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, source)) from None
+    if path is not None:
+        _resolve_paths(cfg, Path(path).resolve().parent)
+    return cfg
+
+
+def dump_config(cfg: Config) -> str:
+    """The resolved config as YAML (written into every run folder)."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
