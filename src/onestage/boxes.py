@@ -42,18 +42,19 @@ def box_area(boxes: Tensor) -> Tensor:
     return (boxes[..., 2] - boxes[..., 0]).clamp(min=0) * (boxes[..., 3] - boxes[..., 1]).clamp(min=0)
 
 
-def box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
-    """IoU matrix, always computed in fp32.
+def box_iou(boxes1: Tensor, boxes2: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """IoU matrix, computed in ``dtype`` (fp32 unless a caller asks otherwise).
 
     boxes1: (..., N, 4) xyxy, boxes2: (..., M, 4) xyxy (same leading batch dims, or none on
-    one side so that it broadcasts). Returns (..., N, M) fp32. A pair with zero union
-    (two empty boxes) has IoU 0, never NaN.
+    one side so that it broadcasts). Returns (..., N, M) in ``dtype``. A pair with zero
+    union (two empty boxes) has IoU 0, never NaN.
 
-    fp32 always: in bf16 the IoU of two boxes 1 px apart on a 300 px image rounds to the
-    same value as their neighbours', which would make matching depend on precision.
+    fp32 by default: in bf16 the IoU of two boxes 1 px apart on a 300 px image rounds to
+    the same value as their neighbours', which would make matching depend on precision.
+    Callers pass a lower precision only when ``should_force_fp32("iou", ...)`` says no.
     """
-    b1 = boxes1.float()
-    b2 = boxes2.float()
+    b1 = boxes1.to(dtype)
+    b2 = boxes2.to(dtype)
     area1 = box_area(b1)  # (..., N)
     area2 = box_area(b2)  # (..., M)
     lt = torch.maximum(b1[..., :, None, :2], b2[..., None, :, :2])  # (..., N, M, 2)
@@ -61,7 +62,7 @@ def box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
     wh = (rb - lt).clamp(min=0)
     inter = wh[..., 0] * wh[..., 1]
     union = area1[..., :, None] + area2[..., None, :] - inter
-    return torch.where(union > 0, inter / union.clamp(min=torch.finfo(torch.float32).tiny), torch.zeros_like(inter))
+    return torch.where(union > 0, inter / union.clamp(min=torch.finfo(dtype).tiny), torch.zeros_like(inter))
 
 
 def wh_iou(wh1: Tensor, wh2: Tensor) -> Tensor:
