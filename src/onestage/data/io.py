@@ -1,0 +1,160 @@
+"""Reading images the way a user sees them, and joining untrusted paths safely.
+
+Contract: ``load_image`` returns (H, W, 3) uint8 RGB in the frame an image viewer shows,
+i.e. after the EXIF orientation tag is applied; annotation boxes (``ImageRecord.boxes``)
+live in that same frame, and ``image_size`` returns its (width, height) without decoding
+the pixels.
+
+Real data holds every PIL mode (grayscale, palette, RGBA, 16-bit, CMYK), files whose
+extension lies about their format, truncated downloads and paths written by other tools;
+each of these is handled here, and whatever cannot be read raises ``DataError`` naming the
+file and the problem.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from onestage.data.base import ImageRecord
+from onestage.data.problems import DataError
+
+# EXIF tag 0x0112 (Orientation): values 5-8 rotate by 90 or 270 degrees, swapping W and H
+# (EXIF 2.32, section 4.6.5; what PIL.ImageOps.exif_transpose applies).
+_EXIF_ORIENTATION = 0x0112
+_SWAPS_WH = frozenset({5, 6, 7, 8})
+
+# PIL raises these for unreadable image data: OSError for truncated/corrupt streams,
+# SyntaxError from some plugins' header parsers, ValueError for impossible headers,
+# DecompressionBombError (a subclass of Exception only) for absurd sizes.
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
+def _open(path: Path) -> Image.Image:
+    """Open lazily (header only); the format comes from the content, not the extension."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: image file not found" if not path.exists() else f"{path}: not a file")
+    try:
+        return Image.open(path)
+    except UnidentifiedImageError as exc:
+        raise DataError(f"{path}: not a readable image (corrupt file or unknown format)") from exc
+    except _DECODE_ERRORS as exc:
+        raise DataError(f"{path}: corrupt image header: {exc}") from exc
+
+
+def _orientation(img: Image.Image) -> int:
+    try:
+        value = img.getexif().get(_EXIF_ORIENTATION, 1)
+    except _DECODE_ERRORS:
+        return 1  # unreadable EXIF block: PIL's exif_transpose also treats it as "no rotation"
+    return int(value) if isinstance(value, int) else 1
+
+
+def _to_rgb(img: Image.Image, path: Path) -> np.ndarray:
+    """Any PIL mode -> (H, W, 3) uint8 RGB. Alpha is dropped (as cv2.imread does)."""
+    mode = img.mode
+    if mode == "RGB":
+        out = np.asarray(img)
+    elif mode.startswith("I;16") or mode == "I":
+        # 16-bit grayscale (PNG/TIFF). PIL's convert("L") would clip at 255 instead of
+        # scaling; map 0..65535 -> 0..255 with rounding: round(v * 255 / 65535).
+        # Mode "I" (32-bit integers) carries no bit depth: values that fit in 8 bits are
+        # taken as 8-bit intensities, anything larger as 16-bit.
+        v = np.asarray(img).astype(np.int64)
+        if mode == "I" and v.max(initial=0) <= 255:
+            gray = np.clip(v, 0, 255).astype(np.uint8)
+        else:
+            gray = ((np.clip(v, 0, 65535) * 255 + 32767) // 65535).astype(np.uint8)
+        out = np.repeat(gray[..., None], 3, axis=2)
+    elif mode == "F":
+        # 32-bit float grayscale: values in [0, 1] are intensities, anything larger is 0..255.
+        v = np.asarray(img, dtype=np.float32)
+        scale = 255.0 if np.nanmax(v, initial=0.0) <= 1.0 else 1.0
+        gray = np.clip(np.nan_to_num(v) * scale + 0.5, 0, 255).astype(np.uint8)
+        out = np.repeat(gray[..., None], 3, axis=2)
+    elif mode == "P" and "transparency" in img.info:
+        # Palette with a transparent index: PIL warns unless it goes through RGBA.
+        out = np.asarray(img.convert("RGBA").convert("RGB"))
+    else:
+        # L, LA, 1, P, PA, RGBA, RGBX, CMYK, YCbCr, LAB, HSV: PIL's own conversions are exact.
+        out = np.asarray(img.convert("RGB"))
+    if out.ndim != 3 or out.shape[2] != 3:
+        raise DataError(f"{path}: image mode {mode} gave an array of shape {out.shape}, expected (H, W, 3)")
+    return np.ascontiguousarray(out, dtype=np.uint8)
+
+
+def load_image(path: Path) -> np.ndarray:
+    """Read an image file as (H, W, 3) uint8 RGB, EXIF orientation applied.
+
+    Raises ``DataError`` naming the file for a missing, truncated or corrupt file.
+    """
+    path = Path(path)
+    img = _open(path)
+    try:
+        with img:
+            img.load()  # full decode here, so that a truncated file fails now, named
+            upright = ImageOps.exif_transpose(img)
+            return _to_rgb(upright, path)
+    except DataError:
+        raise
+    except _DECODE_ERRORS as exc:
+        raise DataError(f"{path}: corrupt image ({img.format or 'unknown'} data): {exc}") from exc
+
+
+def image_size(path: Path) -> tuple[int, int]:
+    """(width, height) after EXIF orientation, from the header only (no pixel decode)."""
+    path = Path(path)
+    img = _open(path)
+    with img:
+        width, height = img.size
+        if _orientation(img) in _SWAPS_WH:
+            width, height = height, width
+    if width <= 0 or height <= 0:
+        raise DataError(f"{path}: image header gives an empty size {width}x{height}")
+    return int(width), int(height)
+
+
+def load_record_image(rec: ImageRecord) -> np.ndarray:
+    """The record's pixels: (H, W, 3) uint8 RGB, held in memory or read from ``rec.path``.
+
+    The image must have the size the record was annotated at; otherwise its boxes would
+    be drawn or trained in the wrong frame.
+    """
+    if rec.image is not None:
+        return rec.image
+    if rec.path is None:
+        raise DataError(f"image {rec.image_id!r}: record has neither an in-memory image nor a path")
+    image = load_image(rec.path)
+    if image.shape[:2] != (rec.height, rec.width):
+        raise DataError(
+            f"{rec.path}: image is {image.shape[1]}x{image.shape[0]} but its record says "
+            f"{rec.width}x{rec.height}; the file changed after the annotations were read"
+        )
+    return image
+
+
+def safe_join(root: Path, relative: str | os.PathLike[str]) -> Path:
+    """``root / relative``, refusing any path that leaves ``root``.
+
+    Paths inside annotation files (COCO ``file_name``, a VOC ``filename``, a CSV split,
+    an ImageSets id) are untrusted: ``../``, an absolute path, or a symlink pointing out
+    of the dataset would otherwise read any file on the machine. Raises ``DataError``.
+    """
+    root = Path(root)
+    rel = os.fspath(relative)
+    if not rel or "\x00" in rel:
+        raise DataError(f"{root}: invalid path {rel!r} (empty or containing a NUL byte)")
+    # Backslashes are separators for a Windows-written annotation; treat them as such so
+    # that "..\\x" cannot slip through as one odd file name.
+    rel_posix = rel.replace("\\", "/")
+    if Path(rel_posix).is_absolute() or (len(rel_posix) > 1 and rel_posix[1] == ":"):
+        raise DataError(f"{root}: path {rel!r} is absolute; it must be relative to the dataset root")
+    base = root.resolve()
+    target = (base / rel_posix).resolve()
+    if target != base and base not in target.parents:
+        raise DataError(f"{root}: path {rel!r} resolves to {target}, outside the dataset root {base}")
+    return target
