@@ -69,6 +69,10 @@ class DetectionDataset(torch.utils.data.Dataset):
     class_names: list[str]
     transform: Transform
     image_loader: Callable[[ImageRecord], np.ndarray] = field(default=None)  # type: ignore[assignment]
+    # With a seed, sample i of epoch e is augmented from a generator seeded by (seed, e, i):
+    # the same whatever the number of workers, and after a resume in the middle of an epoch.
+    seed: int | None = None
+    epoch: int = 0
 
     def __post_init__(self) -> None:
         if self.image_loader is None:
@@ -81,6 +85,8 @@ class DetectionDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict:
         rec = self.records[index]
+        if self.seed is not None:
+            seed_sample(self.seed, self.epoch, index)
         image = self.image_loader(rec)
         # Training and evaluation never see `difficult` boxes' labels differently: they are
         # ignored by the evaluator only, so the model still learns from them.
@@ -91,6 +97,16 @@ class DetectionDataset(torch.utils.data.Dataset):
             "labels": torch.as_tensor(labels, dtype=torch.int64).reshape(-1),
             "index": index,
         }
+
+
+def seed_sample(seed: int, epoch: int, index: int) -> None:
+    """Seed every global generator a transform may draw from, for one sample."""
+    import random
+
+    value = int(np.random.SeedSequence([seed, epoch, index]).generate_state(1)[0])
+    random.seed(value)
+    np.random.seed(value)
+    torch.manual_seed(value)
 
 
 def collate(samples: list[dict]) -> dict[str, Tensor]:

@@ -1,0 +1,325 @@
+"""``onestage`` command line: train | eval | predict | inspect | data check."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from onestage.config import Config, ConfigError, load_config
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="onestage", description="One-stage object detectors: SSD and YOLO, one pipeline.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a detector from a YAML experiment file")
+    t.add_argument("config", nargs="?", help="experiment YAML (not needed with --resume)")
+    t.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.epochs=5")
+    t.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue the run in RUN_DIR from its last.pt")
+    t.add_argument("--plot-lr", action="store_true", help="write the LR schedule plot and exit")
+    t.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (smoke tests)")
+    t.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    e = sub.add_parser("eval", help="evaluate a checkpoint on the config's validation split")
+    e.add_argument("config")
+    e.add_argument("checkpoint", type=Path)
+    e.add_argument("overrides", nargs="*")
+    e.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    e.add_argument("--out", type=Path, help="folder for the PR curves and drawn worst images")
+
+    pr = sub.add_parser("predict", help="draw a checkpoint's detections on images")
+    pr.add_argument("config")
+    pr.add_argument("checkpoint", type=Path)
+    pr.add_argument("inputs", nargs="+", type=Path, help="images or folders of images")
+    pr.add_argument("--out", type=Path, required=True)
+    pr.add_argument("--threshold", type=float, help="display score threshold (default: eval.display_threshold)")
+
+    i = sub.add_parser("inspect", help="print the model's output layout")
+    i.add_argument("config")
+    i.add_argument("overrides", nargs="*")
+    i.add_argument("--json", action="store_true")
+    i.add_argument("--priors", type=Path, metavar="FILE.npy", help="save the priors (P, 4) cxcywh normalized")
+    i.add_argument("--num-classes", type=int, help="classes to lay out (default: the dataset's)")
+
+    d = sub.add_parser("data", help="dataset tools")
+    dsub = d.add_subparsers(dest="data_command", required=True)
+    c = dsub.add_parser("check", help="read a dataset once and report what is in it and what is wrong")
+    c.add_argument("config")
+    c.add_argument("overrides", nargs="*")
+    c.add_argument("--split", choices=["train", "val"], default="train")
+    c.add_argument("--out", type=Path, default=Path("data_check"), help="folder for the sample grid")
+    c.add_argument("--augment", type=int, default=0, metavar="N", help="also draw N augmented samples")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "train":
+            return cmd_train(args)
+        if args.command == "eval":
+            return cmd_eval(args)
+        if args.command == "predict":
+            return cmd_predict(args)
+        if args.command == "inspect":
+            return cmd_inspect(args)
+        if args.command == "data" and args.data_command == "check":
+            return cmd_data_check(args)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except ValueError as exc:  # DataError, CheckpointError-like and schema errors carry their file
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 1
+
+
+# ----------------------------------------------------------------------------- train
+def cmd_train(args: argparse.Namespace) -> int:
+    from onestage.engine.trainer import TrainingError, load_run_config, make_run_dir, train
+
+    if args.resume is not None:
+        cfg = load_run_config(args.resume)
+        run_dir = args.resume
+    else:
+        if args.config is None:
+            raise ConfigError("train: give a CONFIG file or --resume RUN_DIR")
+        cfg = load_config(args.config, args.overrides)
+        run_dir = make_run_dir(cfg, args.config)
+    if args.plot_lr:
+        return _plot_lr(cfg, run_dir)
+    print(f"[run] {run_dir}", file=sys.stderr)
+    try:
+        summary = train(cfg, run_dir, resume=args.resume is not None, progress=not args.no_progress, max_steps=args.max_steps)
+    except TrainingError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 3
+    if summary["stop_reason"] == "terminated":
+        return 130
+    _finish_run(cfg, run_dir, summary)
+    return 0
+
+
+def _plot_lr(cfg: Config, run_dir: Path) -> int:
+    from onestage.build import build_datasets
+    from onestage.engine.schedule import lr_curve, plot_lr
+
+    train_ds, *_ = build_datasets(cfg)
+    steps = cfg.train.epochs * max(1, (len(train_ds) // cfg.train.batch_size) // cfg.train.accumulate)
+    out = plot_lr(lr_curve(cfg.schedule, cfg.optim.lr, steps), run_dir / "lr.png")
+    print(out)
+    return 0
+
+
+def _finish_run(cfg: Config, run_dir: Path, summary: dict) -> None:
+    """After training: plots, final evaluation of the best checkpoint with its table, drawings."""
+    from onestage.engine.plots import plot_training_curves
+
+    plot_training_curves(run_dir / "metrics.csv", run_dir / "plots")
+    best = run_dir / "best.pt" if (run_dir / "best.pt").exists() else run_dir / "last.pt"
+    detector, val_ds, device = _load_for_eval(cfg, best)
+    result, dets = _evaluate_and_report(cfg, detector, val_ds, device, run_dir / "eval", progress=True)
+    (run_dir / "eval" / "metrics.json").write_text(json.dumps({"checkpoint": str(best), **result.metrics, **summary}, indent=2))
+    _draw_dataset_predictions(cfg, detector, val_ds, dets, run_dir / "predictions")
+    print(f"[done] {summary['steps']} steps in {summary['seconds'] / 60:.1f} min; "
+          f"{cfg.train.best_metric} = {result.metrics.get(cfg.train.best_metric, float('nan')):.4f}; "
+          f"run folder: {run_dir}", file=sys.stderr)
+
+
+# ----------------------------------------------------------------------------- eval
+def _load_for_eval(cfg: Config, checkpoint: Path):
+    from onestage.build import build_datasets, build_detector, default_device
+    from onestage.engine.checkpoint import load_checkpoint
+
+    _, val_ds, _, _ = build_datasets(cfg)
+    ckpt = load_checkpoint(checkpoint)
+    class_names = list(ckpt.get("class_names") or val_ds.class_names)
+    detector = build_detector(cfg, class_names)
+    state = ckpt["model"]
+    if ckpt.get("ema") is not None and cfg.ema.use_for_eval:
+        state = ckpt["ema"]["shadow"]  # evaluate what training validated: the EMA weights
+    detector.model.load_state_dict(state)
+    device = default_device()
+    detector.model.to(device)
+    if cfg.precision.channels_last:
+        detector.model.to(memory_format=torch.channels_last)
+    return detector, val_ds, device
+
+
+def _evaluate_and_report(cfg, detector, val_ds, device, out_dir: Path | None, progress: bool, quiet: bool = False):
+    from onestage.engine.evaluate import evaluate
+    from onestage.eval.evaluator import format_table
+
+    result, dets = evaluate(detector, val_ds, cfg, device, progress=progress, keep_detections=True)
+    if not quiet:
+        print(format_table(result))
+    if out_dir is not None:
+        from onestage.eval.plots import plot_pr_curves
+
+        out_dir.mkdir(parents=True, exist_ok=True)
+        plot_pr_curves(result, out_dir / "pr_curves.png")
+    return result, dets
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    detector, val_ds, device = _load_for_eval(cfg, args.checkpoint)
+    result, _ = _evaluate_and_report(cfg, detector, val_ds, device, args.out, progress=not args.json, quiet=args.json)
+    if args.json:
+        from onestage.eval.evaluator import result_to_json
+
+        print(json.dumps(result_to_json(result), indent=2))
+    return 0
+
+
+# ----------------------------------------------------------------------------- predict
+def _draw_dataset_predictions(cfg: Config, detector, dataset, dets, out_dir: Path) -> None:
+    import cv2
+
+    from onestage.data.check import draw_boxes
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for i in range(min(cfg.eval.num_images_drawn, len(dataset))):
+        rec = dataset.records[i]
+        image = dataset.image_loader(rec)
+        d = dets[i]
+        keep = d["scores"] >= cfg.eval.display_threshold
+        drawn = draw_boxes(image, d["boxes"][keep], d["labels"][keep], detector.class_names, d["scores"][keep])
+        cv2.imwrite(str(out_dir / f"{rec.image_id}.jpg"), cv2.cvtColor(drawn, cv2.COLOR_RGB2BGR))
+
+
+def _collect_images(inputs: list[Path]) -> list[Path]:
+    files: list[Path] = []
+    for path in inputs:
+        if path.is_dir():
+            files += sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise ValueError(f"{path}: no such image or folder")
+    if not files:
+        raise ValueError(f"no images found in {', '.join(map(str, inputs))}")
+    return files
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    import cv2
+
+    from onestage.build import build_transform
+    from onestage.data.check import draw_boxes
+    from onestage.data.io import load_image
+    from onestage.engine.precision import autocast_context
+
+    cfg = load_config(args.config)
+    detector, _, device = _load_for_eval(cfg, args.checkpoint)
+    transform = build_transform(cfg, train=False)
+    threshold = cfg.eval.display_threshold if args.threshold is None else args.threshold
+    args.out.mkdir(parents=True, exist_ok=True)
+    results = []
+    detector.model.eval()
+    for path in _collect_images(args.inputs):
+        image = load_image(path)
+        h, w = image.shape[:2]
+        tensor, _, _ = transform(image, np.zeros((0, 4), np.float32), np.zeros((0,), np.int64))
+        batch = tensor[None].to(device)
+        with torch.no_grad(), autocast_context(cfg.precision, device):
+            det = detector.postprocess(detector.model(batch))[0]
+        boxes = np.asarray(transform.invert_boxes(det.boxes.float().cpu().numpy(), w, h), dtype=np.float32)
+        scores, labels = det.scores.float().cpu().numpy(), det.labels.cpu().numpy()
+        keep = scores >= threshold
+        drawn = draw_boxes(image, boxes[keep], labels[keep], detector.class_names, scores[keep])
+        cv2.imwrite(str(args.out / f"{path.stem}.jpg"), cv2.cvtColor(drawn, cv2.COLOR_RGB2BGR))
+        results.append({
+            "image": str(path), "width": w, "height": h,
+            "detections": [
+                {"box_xyxy": [round(float(v), 2) for v in b], "score": round(float(s), 4),
+                 "label": int(c), "class": detector.class_names[int(c)]}
+                for b, s, c in zip(boxes[keep], scores[keep], labels[keep])
+            ],
+        })
+        print(f"{path}: {int(keep.sum())} detections")
+    (args.out / "detections.json").write_text(json.dumps(results, indent=2))
+    print(f"[predict] drawn images and detections.json in {args.out}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- inspect
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from onestage.build import build_detector, read_dataset
+
+    cfg = load_config(args.config, args.overrides)
+    if args.num_classes is not None:
+        class_names = [f"class{i}" for i in range(args.num_classes)]
+    elif cfg.data.class_names:
+        class_names = list(cfg.data.class_names)
+    else:
+        class_names = read_dataset(cfg.data.train, cfg).class_names
+    detector = build_detector(cfg, class_names)
+    rows = detector.layout
+    total = sum(r.candidates for r in rows)
+    params = sum(p.numel() for p in detector.model.parameters())
+    info = {
+        "arch": cfg.model.arch, "backbone": cfg.model.backbone, "input_size": cfg.model.input_size,
+        "num_classes": len(class_names), "scoring": detector.scoring, "parameters": params,
+        "maps": [
+            {"name": r.name, "grid": list(r.grid), "anchors_per_cell": r.anchors_per_cell,
+             "values_per_anchor": r.values_per_anchor, "channels": r.anchors_per_cell * r.values_per_anchor,
+             "candidates": r.candidates}
+            for r in rows
+        ],
+        "total_candidates": total,
+    }
+    if args.priors is not None and detector.priors is not None:
+        np.save(args.priors, detector.priors.numpy())
+        info["priors_file"] = str(args.priors)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"{cfg.model.arch} on {cfg.model.backbone}, input {cfg.model.input_size}x{cfg.model.input_size}, "
+          f"{len(class_names)} classes, {params:,} parameters")
+    print(f"scores: {detector.scoring}")
+    header = f"{'map':<22}{'grid':>9}{'anchors/cell':>14}{'values/anchor':>15}{'channels':>10}{'candidates':>12}"
+    print(header)
+    print("-" * len(header))
+    for r in info["maps"]:
+        grid = f"{r['grid'][0]}x{r['grid'][1]}"
+        print(f"{r['name']:<22}{grid:>9}{r['anchors_per_cell']:>14}{r['values_per_anchor']:>15}"
+              f"{r['channels']:>10}{r['candidates']:>12}")
+    print("-" * len(header))
+    print(f"{'total':<22}{'':>9}{'':>14}{'':>15}{'':>10}{total:>12}")
+    if args.priors is not None:
+        print(f"priors saved to {args.priors} ({total}, 4) cxcywh normalized")
+    return 0
+
+
+# ----------------------------------------------------------------------------- data check
+def cmd_data_check(args: argparse.Namespace) -> int:
+    from onestage.build import read_dataset
+    from onestage.data.check import check_dataset
+
+    cfg = load_config(args.config, args.overrides + ["data.on_error=skip"])
+    ds_cfg = cfg.data.train if args.split == "train" else cfg.data.val
+    spec = read_dataset(ds_cfg, cfg)
+    args.out.mkdir(parents=True, exist_ok=True)
+    report, status = check_dataset(spec, args.out / "samples.png")
+    print(report)
+    if args.augment:
+        from onestage.build import build_transform
+        from onestage.data.check import draw_augmented
+
+        path = draw_augmented(spec, build_transform(cfg, train=True), args.augment, args.out / "augmented.png",
+                              cfg.data.mean, cfg.data.std)
+        print(f"augmented samples: {path}")
+    print(f"sample grid: {args.out / 'samples.png'}")
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,365 @@
+"""The training loop (seed 002): one loop, readable top to bottom.
+
+Per step: batch -> forward under autocast -> assignment + loss (fp32 where forced) ->
+scaled backward -> unscale, clip -> optimizer step (skipped on non-finite gradients) ->
+EMA update -> LR for the next step. Per epoch: validation mAP with the EMA weights, last and
+best checkpoints, metrics.csv. SIGTERM / Ctrl-C: the current step finishes, a resumable
+checkpoint is written, and the run exits with a message saying how to resume.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Sampler
+from tqdm import tqdm
+
+import onestage
+from onestage.build import Detector, build_datasets, build_detector, default_device
+from onestage.config import Config, dump_config, load_config
+from onestage.data.base import DetectionDataset, collate
+from onestage.engine.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from onestage.engine.ema import ModelEMA
+from onestage.engine.evaluate import evaluate
+from onestage.engine.optim import build_optimizer, clip_grad
+from onestage.engine.precision import LossScaler, autocast_context
+from onestage.engine.schedule import LRScheduler
+from onestage.engine.signals import handle_termination, raise_on_termination, termination_requested
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. too many non-finite losses in a row)."""
+
+
+class EpochSampler(Sampler[int]):
+    """A permutation per epoch drawn from (seed, epoch), started at ``start`` samples in.
+
+    Deterministic and stateless, so a run resumed in the middle of an epoch sees exactly the
+    samples the interrupted run would have seen next.
+    """
+
+    def __init__(self, size: int, seed: int, shuffle: bool = True) -> None:
+        self.size, self.seed, self.shuffle = size, seed, shuffle
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    def __iter__(self) -> Iterator[int]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+            order = torch.randperm(self.size, generator=g).tolist()
+        else:
+            order = list(range(self.size))
+        return iter(order[self.start :])
+
+    def __len__(self) -> int:
+        return self.size - self.start
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class MetricsLog:
+    """metrics.csv: one row per logged step and per epoch; columns grow as new keys appear.
+
+    Rewritten whole (atomically) on each flush, so the file is always a valid CSV.
+    """
+
+    def __init__(self, path: Path, rows: list[dict[str, Any]] | None = None) -> None:
+        self.path = path
+        self.rows: list[dict[str, Any]] = rows or []
+
+    def log(self, row: dict[str, Any]) -> None:
+        self.rows.append(row)
+
+    def flush(self) -> None:
+        columns: list[str] = []
+        for row in self.rows:
+            columns += [k for k in row if k not in columns]
+        tmp = self.path.with_suffix(".csv.tmp")
+        with tmp.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(self.rows)
+        os.replace(tmp, self.path)
+
+
+@dataclass
+class TrainState:
+    step: int = 0  # optimizer steps done
+    epoch: int = 0  # current epoch
+    batch_in_epoch: int = 0  # batches of the current epoch already consumed
+    best_value: float = -math.inf
+    nonfinite_in_row: int = 0
+    nonfinite_total: int = 0
+    elapsed: float = 0.0  # training seconds before this process (time budget)
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def make_run_dir(cfg: Config, config_path: str | Path | None) -> Path:
+    name = cfg.train.name or f"{Path(config_path).stem if config_path else 'run'}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir = Path(cfg.train.out_dir) / name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def _loader(dataset: DetectionDataset, sampler: Sampler[int], cfg: Config) -> DataLoader:
+    return DataLoader(
+        dataset, batch_size=cfg.train.batch_size, sampler=sampler, num_workers=cfg.data.num_workers,
+        collate_fn=collate, drop_last=len(dataset) >= cfg.train.batch_size,
+        persistent_workers=False,  # new workers each epoch pick up dataset.epoch
+    )
+
+
+def _checkpoint_state(
+    cfg: Config, detector: Detector, optimizer, scaler, scheduler, ema, state: TrainState, elapsed: float
+) -> dict[str, Any]:
+    return {
+        "version": onestage.__version__,
+        "config": dump_config(cfg),
+        "class_names": detector.class_names,
+        "model": detector.model.state_dict(),
+        "ema": ema.state_dict() if ema is not None else None,
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict(),
+        "scheduler": {"total_steps": scheduler.total_steps},
+        "rng": rng_state(),
+        "step": state.step,
+        "epoch": state.epoch,
+        "batch_in_epoch": state.batch_in_epoch,
+        "best_metric": cfg.train.best_metric,
+        "best_value": state.best_value,
+        "nonfinite_total": state.nonfinite_total,
+        "elapsed": elapsed,
+        "history": state.history,
+    }
+
+
+def train(
+    cfg: Config,
+    run_dir: Path,
+    resume: bool = False,
+    progress: bool = True,
+    max_steps: int | None = None,
+    device: torch.device | None = None,
+) -> dict[str, Any]:
+    """Train ``cfg`` in ``run_dir`` (resuming from ``run_dir/last.pt`` when ``resume``).
+
+    ``max_steps`` stops early after that many optimizer steps in total (smoke tests and the
+    resume test), leaving a resumable checkpoint. Returns a summary dict.
+    """
+    device = device or default_device()
+    seed_everything(cfg.seed)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(dump_config(cfg))
+    (run_dir / "version.txt").write_text(f"onestage {onestage.__version__}\ntorch {torch.__version__}\n")
+
+    train_ds, val_ds, train_spec, val_spec = build_datasets(cfg)
+    for spec, split in ((train_spec, "train"), (val_spec, "val")):
+        if len(spec.problems):
+            print(f"[data] {split}: {spec.problems.summary()}", file=sys.stderr)
+    train_ds.seed = cfg.seed
+    detector = build_detector(cfg, train_ds.class_names)
+    model = detector.model.to(device)
+    if cfg.precision.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    detector.criterion.to(device)
+
+    sampler = EpochSampler(len(train_ds), cfg.seed)
+    loader = _loader(train_ds, sampler, cfg)
+    batches_per_epoch = len(loader)
+    steps_per_epoch = max(1, batches_per_epoch // cfg.train.accumulate)
+    total_steps = cfg.train.epochs * steps_per_epoch
+    budget_s = cfg.train.time_budget * 60 if cfg.train.time_budget else None
+
+    optimizer = build_optimizer(model, cfg.optim)
+    scheduler = LRScheduler(optimizer, cfg.schedule, cfg.optim.lr, total_steps)
+    scaler = LossScaler(cfg.precision, device)
+    ema = ModelEMA(model, cfg.ema.decay, cfg.ema.start_step, cfg.ema.update_every) if cfg.ema.enabled else None
+    state = TrainState()
+
+    if resume:
+        ckpt = load_checkpoint(run_dir / "last.pt", map_location=device)
+        model.load_state_dict(ckpt["model"])
+        if ema is not None and ckpt["ema"] is not None:
+            ema.load_state_dict(ckpt["ema"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        scheduler.set_total_steps(int(ckpt["scheduler"]["total_steps"]))
+        state = TrainState(
+            step=ckpt["step"], epoch=ckpt["epoch"], batch_in_epoch=ckpt["batch_in_epoch"],
+            best_value=ckpt["best_value"], nonfinite_total=ckpt["nonfinite_total"],
+            elapsed=ckpt["elapsed"], history=list(ckpt["history"]),
+        )
+        set_rng_state(ckpt["rng"])
+        print(f"[resume] {run_dir / 'last.pt'}: step {state.step}, epoch {state.epoch + 1}", file=sys.stderr)
+
+    metrics = MetricsLog(run_dir / "metrics.csv", list(state.history))
+    start_time = time.perf_counter() - state.elapsed
+    step_times: list[float] = []
+    final_eval_reserve = 0.0
+    stop_reason = "finished"
+
+    def save(name: str) -> None:
+        state.history = metrics.rows
+        save_checkpoint(
+            run_dir / name,
+            _checkpoint_state(cfg, detector, optimizer, scaler, scheduler, ema, state, time.perf_counter() - start_time),
+        )
+
+    def validate() -> dict[str, float]:
+        ctx = ema.swap_into(model) if (ema is not None and cfg.ema.use_for_eval) else contextlib.nullcontext()
+        with raise_on_termination(), ctx:
+            result, _ = evaluate(detector, val_ds, cfg, device, progress=progress)
+        return result.metrics
+
+    model.train()
+    with handle_termination():
+        while True:
+            epoch = state.epoch
+            if budget_s is None and epoch >= cfg.train.epochs:
+                break
+            train_ds.epoch = epoch
+            sampler.set_epoch(epoch, start=state.batch_in_epoch * cfg.train.batch_size)
+            bar = tqdm(
+                total=batches_per_epoch, initial=state.batch_in_epoch, disable=not progress, dynamic_ncols=True,
+                desc=f"epoch {epoch + 1}" + (f"/{cfg.train.epochs}" if budget_s is None else ""),
+            )
+            optimizer.zero_grad(set_to_none=True)
+            for batch in loader:
+                t0 = time.perf_counter()
+                lr = scheduler.step(state.step)
+                images = batch["images"].to(device, non_blocking=True)
+                if cfg.precision.channels_last:
+                    images = images.contiguous(memory_format=torch.channels_last)
+                boxes, labels = batch["boxes"].to(device), batch["labels"].to(device)
+
+                with autocast_context(cfg.precision, device):
+                    outputs = model(images)
+                losses = detector.criterion(outputs, boxes, labels)  # fp32 where forced (inside)
+                total = losses["total"]
+
+                if not torch.isfinite(total):
+                    state.nonfinite_in_row += 1
+                    state.nonfinite_total += 1
+                    optimizer.zero_grad(set_to_none=True)
+                    tqdm.write(f"[warn] step {state.step}: non-finite loss ({total.item()}), step skipped")
+                    if state.nonfinite_in_row >= cfg.train.max_nonfinite_steps:
+                        raise TrainingError(
+                            f"{state.nonfinite_in_row} non-finite losses in a row (train.max_nonfinite_steps); "
+                            "lower optim.lr, check the data with `onestage data check`, or disable precision.amp"
+                        )
+                    state.batch_in_epoch += 1
+                    bar.update(1)
+                    continue
+                state.nonfinite_in_row = 0
+
+                scaler.scale(total / cfg.train.accumulate).backward()
+                state.batch_in_epoch += 1
+                if state.batch_in_epoch % cfg.train.accumulate != 0:
+                    bar.update(1)
+                    continue
+                scaler.unscale_(optimizer)
+                grad_norm = clip_grad(model.parameters(), cfg.train.grad_clip)
+                applied = scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                if ema is not None and applied:
+                    ema.update(model, state.step)
+                state.step += 1
+
+                dt = time.perf_counter() - t0
+                step_times.append(dt)
+                elapsed = time.perf_counter() - start_time
+                if budget_s is not None:
+                    # Stretch the schedule over the budget: steps left at the recent pace.
+                    pace = float(np.mean(step_times[-20:]))
+                    remaining = max(0.0, budget_s - elapsed - final_eval_reserve)
+                    scheduler.set_total_steps(max(state.step + 1, state.step + int(remaining / pace)))
+                loss_values = {f"loss_{k}": float(v) for k, v in losses.items() if k != "num_pos"}
+                bar.set_postfix(
+                    {k[5:]: f"{v:.3f}" for k, v in loss_values.items()} | {"lr": f"{lr:.2e}", "img/s": f"{images.shape[0] / dt:.1f}"},
+                    refresh=False,
+                )
+                bar.update(1)
+                if state.step % cfg.train.log_every == 0 or state.step == 1:
+                    metrics.log(
+                        {"kind": "step", "step": state.step, "epoch": epoch + 1, **loss_values, "lr": lr,
+                         "grad_norm": grad_norm, "skipped_steps": scaler.skipped_steps,
+                         "nonfinite_steps": state.nonfinite_total, "images_per_s": images.shape[0] / dt,
+                         "time_s": elapsed}
+                    )
+                out_of_time = budget_s is not None and elapsed >= budget_s - final_eval_reserve
+                if termination_requested() or (max_steps is not None and state.step >= max_steps) or out_of_time:
+                    break
+            bar.close()
+
+            epoch_done = state.batch_in_epoch >= batches_per_epoch
+            if termination_requested():
+                save("last.pt")
+                metrics.flush()
+                stop_reason = "terminated"
+                print(f"\n[stopped] checkpoint written; resume with: onestage train --resume {run_dir}", file=sys.stderr)
+                break
+            if max_steps is not None and state.step >= max_steps and not epoch_done:
+                save("last.pt")
+                metrics.flush()
+                stop_reason = "max_steps"
+                break
+            out_of_time = budget_s is not None and time.perf_counter() - start_time >= budget_s - final_eval_reserve
+            last_epoch = (budget_s is None and epoch + 1 >= cfg.train.epochs) or out_of_time
+            if (epoch + 1) % cfg.train.eval_every == 0 or last_epoch:
+                t_eval = time.perf_counter()
+                values = validate()
+                final_eval_reserve = time.perf_counter() - t_eval
+                metrics.log({"kind": "epoch", "step": state.step, "epoch": epoch + 1, **values,
+                             "time_s": time.perf_counter() - start_time})
+                key = cfg.train.best_metric
+                if key not in values:
+                    raise TrainingError(f"train.best_metric: {key!r} is not computed; available: {sorted(values)}")
+                tqdm.write(f"epoch {epoch + 1}: " + ", ".join(f"{k}={v:.4f}" for k, v in values.items() if k.startswith(("voc", "coco"))))
+                state.epoch, state.batch_in_epoch = epoch + 1, 0
+                if values[key] > state.best_value:
+                    state.best_value = values[key]
+                    save("best.pt")
+            else:
+                state.epoch, state.batch_in_epoch = epoch + 1, 0
+            save("last.pt")
+            metrics.flush()
+            if out_of_time or (max_steps is not None and state.step >= max_steps):
+                stop_reason = "time_budget" if out_of_time else "max_steps"
+                break
+
+    metrics.flush()
+    return {
+        "run_dir": str(run_dir),
+        "steps": state.step,
+        "epochs": state.epoch,
+        "best_metric": cfg.train.best_metric,
+        "best_value": state.best_value,
+        "stop_reason": stop_reason,
+        "skipped_steps": scaler.skipped_steps,
+        "nonfinite_steps": state.nonfinite_total,
+        "seconds": time.perf_counter() - start_time,
+        "images_seen": state.step * cfg.train.batch_size * cfg.train.accumulate,
+    }
+
+
+def load_run_config(run_dir: Path) -> Config:
+    """The resolved config a run was started with (for ``--resume``)."""
+    return load_config(run_dir / "config.yaml")
