@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 
 from onestage.config import Config, ConfigError, load_config
 
@@ -138,8 +139,13 @@ def _load_for_eval(cfg: Config, checkpoint: Path):
     from onestage.build import build_datasets, build_detector, default_device
     from onestage.engine.checkpoint import load_checkpoint
 
-    _, val_ds, _, _ = build_datasets(cfg)
     ckpt = load_checkpoint(checkpoint)
+    if ckpt.get("config"):
+        # The architecture is the checkpoint's, whatever the given config says about it:
+        # CONFIG chooses the data and the inference settings.
+        trained = Config.model_validate(yaml.safe_load(ckpt["config"]))
+        cfg = cfg.model_copy(update={"model": trained.model, "loss": trained.loss})
+    _, val_ds, _, _ = build_datasets(cfg)
     class_names = list(ckpt.get("class_names") or val_ds.class_names)
     detector = build_detector(cfg, class_names)
     state = ckpt["model"]

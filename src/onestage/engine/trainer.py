@@ -291,7 +291,7 @@ def train(
                     pace = float(np.mean(step_times[-20:]))
                     remaining = max(0.0, budget_s - elapsed - final_eval_reserve)
                     scheduler.set_total_steps(max(state.step + 1, state.step + int(remaining / pace)))
-                loss_values = {f"loss_{k}": float(v) for k, v in losses.items() if k != "num_pos"}
+                loss_values = {f"loss_{k}": float(v.detach()) for k, v in losses.items() if k != "num_pos"}
                 bar.set_postfix(
                     {k[5:]: f"{v:.3f}" for k, v in loss_values.items()} | {"lr": f"{lr:.2e}", "img/s": f"{images.shape[0] / dt:.1f}"},
                     refresh=False,

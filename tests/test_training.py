@@ -1,0 +1,172 @@
+"""End-to-end training: smoke run, overfit, exact resume, SIGTERM, non-finite losses, CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from onestage.cli import main as cli_main
+from onestage.config import load_config
+from onestage.engine.checkpoint import load_checkpoint
+from onestage.engine.trainer import TrainingError, train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# A small MobileNetV2-SSDLite at 300 (the 8732-prior layout) on a handful of shapes images.
+TINY = [
+    "model.arch=ssdlite", "model.width_mult=0.25", "model.extra_channels=[64,32,32]",
+    "data.train.num_images=8", "data.val.num_images=4", "data.augment.preset=none",
+    "train.batch_size=4", "train.epochs=1", "train.log_every=1",
+    "schedule.warmup_steps=0", "optim.name=adamw", "optim.lr=0.002", "ema.enabled=false",
+]
+
+
+def tiny_cfg(tmp_path: Path, *extra: str):
+    return load_config(ROOT / "configs" / "demo_shapes.yaml", TINY + [f"train.out_dir={tmp_path}", *extra])
+
+
+def test_two_step_smoke(tmp_path):
+    cfg = tiny_cfg(tmp_path, "train.name=smoke")
+    summary = train(cfg, tmp_path / "smoke", progress=False, max_steps=2)
+    assert summary["steps"] == 2
+    ckpt = load_checkpoint(tmp_path / "smoke" / "last.pt")
+    assert ckpt["step"] == 2 and "model" in ckpt and "rng" in ckpt
+    rows = (tmp_path / "smoke" / "metrics.csv").read_text().splitlines()
+    assert rows[0].startswith("kind,step,epoch,loss_loc,loss_cls,loss_total,lr")
+    # 8 images in batches of 4: the 2 steps end the epoch, which is validated
+    assert [r.split(",")[0] for r in rows[1:]] == ["step", "step", "epoch"]
+
+
+def test_overfit_few_images_loss_falls_and_map_rises(tmp_path):
+    cfg = tiny_cfg(
+        tmp_path, "data.train.num_images=4", "data.val.num_images=4", "data.val.seed=0",
+        "train.epochs=60", "train.eval_every=30", "model.width_mult=0.5", "optim.lr=0.003",
+    )
+    summary = train(cfg, tmp_path / "overfit", progress=False)
+    rows = [r.split(",") for r in (tmp_path / "overfit" / "metrics.csv").read_text().splitlines()]
+    header = rows[0]
+    steps = [dict(zip(header, r)) for r in rows[1:] if r[0] == "step"]
+    epochs = [dict(zip(header, r)) for r in rows[1:] if r[0] == "epoch"]
+    first = float(steps[0]["loss_total"])
+    last = sum(float(s["loss_total"]) for s in steps[-5:]) / 5
+    assert last < 0.5 * first, (first, last)
+    maps = [float(e["voc_ap50"]) for e in epochs]
+    assert len(maps) == 2 and maps[-1] > maps[0] and maps[-1] > 0.3, maps
+    assert summary["best_value"] == max(maps)
+
+
+def test_resume_equals_straight_run(tmp_path):
+    base = ["train.epochs=2", "train.log_every=1", "data.train.num_images=12", "data.augment.preset=ssd",
+            "ema.enabled=true", "schedule.warmup_steps=2"]
+    straight = tiny_cfg(tmp_path, *base, "train.name=straight")
+    train(straight, tmp_path / "straight", progress=False)  # 2 epochs x 3 steps
+
+    split = tiny_cfg(tmp_path, *base, "train.name=split")
+    train(split, tmp_path / "split", progress=False, max_steps=4)  # stops mid-epoch 2
+    assert load_checkpoint(tmp_path / "split" / "last.pt")["step"] == 4
+    train(split, tmp_path / "split", resume=True, progress=False)
+
+    a = load_checkpoint(tmp_path / "straight" / "last.pt")
+    b = load_checkpoint(tmp_path / "split" / "last.pt")
+    assert a["step"] == b["step"] == 6
+    for key, value in a["model"].items():
+        torch.testing.assert_close(b["model"][key], value, rtol=1e-5, atol=1e-6, msg=key)
+    for key, value in a["ema"]["shadow"].items():
+        torch.testing.assert_close(b["ema"]["shadow"][key], value, rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_nonfinite_loss_skipped_counted_then_stops(tmp_path, monkeypatch):
+    from onestage.losses.multibox import MultiboxLoss
+
+    real_forward = MultiboxLoss.forward
+    calls = {"n": 0}
+
+    def flaky(self, outputs, boxes, labels):
+        out = real_forward(self, outputs, boxes, labels)
+        calls["n"] += 1
+        if calls["n"] == 2:  # one poisoned step
+            out["total"] = out["total"] * float("nan")
+        return out
+
+    monkeypatch.setattr(MultiboxLoss, "forward", flaky)
+    cfg = tiny_cfg(tmp_path, "train.name=nan", "data.train.num_images=16")
+    summary = train(cfg, tmp_path / "nan", progress=False)
+    assert summary["nonfinite_steps"] == 1 and summary["steps"] == 3  # 4 batches, one skipped
+
+    monkeypatch.setattr(MultiboxLoss, "forward", lambda self, o, b, l: {"total": torch.tensor(math.inf)})
+    cfg = tiny_cfg(tmp_path, "train.name=nan2", "data.train.num_images=16", "train.max_nonfinite_steps=3")
+    with pytest.raises(TrainingError, match="3 non-finite losses in a row"):
+        train(cfg, tmp_path / "nan2", progress=False)
+
+
+def test_sigterm_leaves_resumable_checkpoint(tmp_path):
+    run = tmp_path / "term"
+    cmd = [sys.executable, "-m", "onestage", "train", str(ROOT / "configs" / "demo_shapes.yaml"), *TINY,
+           "data.train.num_images=400", f"train.out_dir={tmp_path}", "train.name=term", "--no-progress"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (run / "metrics.csv").exists() and proc.poll() is None:
+        time.sleep(0.2)
+    # metrics.csv is written at the first checkpoint or signal; wait for training to be under way
+    time.sleep(3)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out
+    assert "resume with: onestage train --resume" in out
+    step = load_checkpoint(run / "last.pt")["step"]
+    assert 0 < step < 100
+    done = subprocess.run(
+        [sys.executable, "-m", "onestage", "train", "--resume", str(run), "--no-progress", "--max-steps", str(step + 2)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert load_checkpoint(run / "last.pt")["step"] == step + 2
+
+
+def test_cli_inspect_ssd300_counts(capsys):
+    assert cli_main(["inspect", str(ROOT / "configs" / "ssd300_mobilenetv2_voc.yaml"), "--num-classes", "20"]) == 0
+    out = capsys.readouterr().out
+    for n in ("5776", "2166", "600", "150", "36", "8732"):
+        assert n in out
+    assert "25" in out  # (20 + 1) + 4 values per box
+    assert cli_main(["inspect", str(ROOT / "configs" / "ssd300_mobilenetv2_voc.yaml"), "--num-classes", "20", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert [m["candidates"] for m in info["maps"]] == [5776, 2166, 600, 150, 36, 4]
+    assert info["total_candidates"] == 8732
+
+
+def test_cli_bad_config_names_key(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  epochz: 3\n")
+    assert cli_main(["inspect", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "train.epochz" in err and "epochs" in err
+    assert cli_main(["inspect", str(ROOT / "configs" / "demo_shapes.yaml"), "train.batch_size=abc"]) == 2
+    assert "train.batch_size" in capsys.readouterr().err
+
+
+def test_cli_train_eval_predict(tmp_path, capsys):
+    args = [str(ROOT / "configs" / "demo_shapes.yaml"), *TINY, f"train.out_dir={tmp_path}", "train.name=cli"]
+    assert cli_main(["train", *args, "--no-progress"]) == 0
+    run = tmp_path / "cli"
+    for name in ("config.yaml", "metrics.csv", "last.pt", "best.pt", "plots/losses.png", "plots/lr.png",
+                 "eval/pr_curves.png", "eval/metrics.json"):
+        assert (run / name).exists(), name
+    assert len(list((run / "predictions").glob("*.jpg"))) == 4
+    capsys.readouterr()
+    assert cli_main(["eval", *args[:1], str(run / "best.pt"), *TINY, "--json"]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert "voc_ap50" in metrics["metrics"]
+    images = run / "predictions"
+    assert cli_main(["predict", args[0], str(run / "best.pt"), str(images), "--out", str(tmp_path / "pred"), "--threshold", "0.0"]) == 0
+    dets = json.loads((tmp_path / "pred" / "detections.json").read_text())
+    assert len(dets) == 4 and all("detections" in d for d in dets)
