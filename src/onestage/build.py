@@ -6,6 +6,7 @@ module reads the config. Tests build objects directly, without YAML.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -26,7 +27,13 @@ class LayoutRow:
     name: str
     grid: tuple[int, int]  # (H, W) cells
     anchors_per_cell: int
-    values_per_anchor: int
+    values_per_anchor: int  # values each box owns (SSD: 4 + C + 1; YOLOv3: 4 + 1 + C; YOLOv1: 5)
+    shared_per_cell: int = 0  # values the boxes of a cell share (YOLOv1: C class scores)
+
+    @property
+    def channels(self) -> int:
+        """Output channels per cell."""
+        return self.anchors_per_cell * self.values_per_anchor + self.shared_per_cell
 
     @property
     def candidates(self) -> int:
@@ -121,7 +128,12 @@ def _ssd_backbone_and_extras(cfg: Config):
     lite = cfg.model.arch == "ssdlite"
     if cfg.model.backbone == "mobilenet_v2":
         backbone = MobileNetV2Backbone(cfg.model.width_mult)
-        extras = mobilenet_v2_ssd_extras(backbone.out_channels[-1], cfg.model.extra_channels, depthwise=lite)
+        last_map = cfg.model.input_size
+        for _ in range(5):  # five stride-2 convs (k3, p1): H -> ceil(H / 2)
+            last_map = (last_map + 1) // 2
+        extras = mobilenet_v2_ssd_extras(
+            backbone.out_channels[-1], cfg.model.extra_channels, depthwise=lite, map_size=last_map
+        )
     elif cfg.model.backbone == "vgg16":
         backbone = VGG16Backbone()
         extras = vgg16_ssd_extras(backbone.out_channels[-1])
@@ -159,14 +171,123 @@ def build_ssd(cfg: Config, class_names: list[str]) -> Detector:
     criterion = MultiboxLoss(priors, cfg.matcher, cfg.loss, force_fp32=force)
     ev = cfg.eval
     post = SSDPostProcessor(
-        priors, cfg.loss.variances, ev.score_threshold, ev.nms_iou, ev.pre_nms_top_k, ev.max_detections, force
+        priors, cfg.loss.variances, _or(ev.score_threshold, 0.01), ev.nms_iou, _or(ev.pre_nms_top_k, 200),
+        _or(ev.max_detections, 200), force,
     )
     values = len(class_names) + 1 + 4
     rows = [
-        LayoutRow(f"map{i} (stride {cfg.model.input_size / h:.0f})", (h, w), a, values)
+        LayoutRow(f"map{i} (step {cfg.model.input_size / h:.0f} px)", (h, w), a, values)
         for i, ((h, w), a) in enumerate(zip(sizes, anchors))
     ]
     return Detector(model, criterion, post, rows, class_names, "softmax over C+1 classes (background is class 0)", priors)
+
+
+def _or(value, default):
+    """An eval setting left null takes the family's default (DESIGN.md section 3)."""
+    return default if value is None else value
+
+
+def _backbone(cfg: Config):
+    """A backbone for the YOLO heads (any head sits on any backbone: issue 7)."""
+    name = cfg.model.backbone
+    if name == "mobilenet_v2":
+        from onestage.models.backbones.mobilenet_v2 import MobileNetV2Backbone
+
+        backbone = MobileNetV2Backbone(cfg.model.width_mult)
+    elif name == "darknet53":
+        from onestage.models.backbones.darknet53 import Darknet53Backbone
+
+        backbone = Darknet53Backbone(cfg.model.width_mult)
+    elif name == "tiny":
+        from onestage.models.backbones.tiny import TinyBackbone
+
+        backbone = TinyBackbone()
+    elif name == "yolov1":
+        from onestage.models.backbones.yolov1_net import YOLOv1PaperBackbone
+
+        backbone = YOLOv1PaperBackbone()
+    else:
+        from onestage.models.backbones.vgg16 import VGG16Backbone
+
+        backbone = VGG16Backbone()
+    if cfg.model.backbone_weights is not None:
+        from onestage.models.backbones.base import load_torchvision_weights
+
+        load_torchvision_weights(backbone, cfg.model.backbone_weights)
+    return backbone
+
+
+def build_yolov3(cfg: Config, class_names: list[str]) -> Detector:
+    from onestage.anchors import normalize_anchors
+    from onestage.losses.yolov3 import YOLOv3Loss
+    from onestage.models.heads.yolov3 import YOLOv3, YOLOv3Head
+    from onestage.yolo_decode import YOLOv3PostProcessor
+
+    y = cfg.model.yolov3
+    num_classes = len(class_names)
+    backbone = _backbone(cfg)
+    sizes = cfg.model.anchors.sizes  # pixels at input_size, coarsest scale first
+    if len(sizes) != len(backbone.out_channels):
+        raise ValueError(
+            f"model.anchors.sizes: {len(sizes)} scales, but the {cfg.model.backbone} backbone gives "
+            f"{len(backbone.out_channels)} maps"
+        )
+    anchors = normalize_anchors(sizes, cfg.model.input_size)
+    head = YOLOv3Head(backbone.out_channels, [len(g) for g in sizes], num_classes, width=y.neck_width,
+                      strides=backbone.strides)
+    model = YOLOv3(backbone, head)
+    criterion = YOLOv3Loss(
+        anchors, num_classes, xy_loss=y.xy_loss, box_weight_2wh=y.box_weight_2wh, noobj_weight=y.noobj_weight,
+        obj_weight=y.obj_weight, cls_weight=y.cls_weight, box_weight=y.box_weight, reduction=y.reduction,
+        assign_mode=y.assign_mode, ignore_by=y.ignore_by, ignore_thres=y.ignore_thres, preset=y.preset,
+    )
+    ev = cfg.eval
+    post = YOLOv3PostProcessor(
+        anchors, num_classes, score_threshold=_or(ev.score_threshold, 0.001), nms_iou=ev.nms_iou,
+        max_detections=_or(ev.max_detections, 100), pre_nms_top_k=_or(ev.pre_nms_top_k, 1000),
+    )
+    size = cfg.model.input_size
+    rows = [
+        LayoutRow(f"scale {i} (stride {s})", (math.ceil(size / s), math.ceil(size / s)), len(g), 5 + num_classes)
+        for i, (s, g) in enumerate(zip(model.strides, sizes))
+    ]
+    rows = _measured_rows(model, size, rows)
+    return Detector(model, criterion, post, rows, class_names, "sigmoid objectness + C independent class sigmoids")
+
+
+def build_yolov1(cfg: Config, class_names: list[str]) -> Detector:
+    from onestage.losses.yolov1 import YOLOv1Loss
+    from onestage.models.heads.yolov1 import YOLOv1, YOLOv1Head
+    from onestage.yolov1_decode import YOLOv1PostProcessor
+
+    y = cfg.model.yolov1
+    num_classes = len(class_names)
+    backbone = _backbone(cfg)
+    head = YOLOv1Head(backbone.out_channels[-1], S=y.grid, B=y.boxes_per_cell, num_classes=num_classes,
+                      hidden=y.hidden, dropout=y.dropout)
+    model = YOLOv1(backbone, head)
+    force = _force_fp32(cfg)
+    criterion = YOLOv1Loss(S=y.grid, B=y.boxes_per_cell, num_classes=num_classes, lambda_coord=y.lambda_coord,
+                           lambda_noobj=y.lambda_noobj, conf_target=y.conf_target, force_fp32=force)
+    ev = cfg.eval
+    post = YOLOv1PostProcessor(
+        S=y.grid, B=y.boxes_per_cell, num_classes=num_classes, score_threshold=_or(ev.score_threshold, 0.001),
+        nms_iou=ev.nms_iou, max_detections=_or(ev.max_detections, 100), force_fp32=force,
+    )
+    # YOLOv1: B boxes (x, y, w, h, conf) per cell share one set of C class scores, so a cell
+    # holds 5B + C values rather than B x (5 + C).
+    rows = [LayoutRow(f"grid S={y.grid}", (y.grid, y.grid), y.boxes_per_cell, 5, shared_per_cell=num_classes)]
+    return Detector(model, criterion, post, rows, class_names, "sigmoid confidence per box x softmax class probability per cell")
+
+
+def _measured_rows(model: nn.Module, size: int, rows: list[LayoutRow]) -> list[LayoutRow]:
+    """Replace computed grid sizes with those of a dummy forward (padding rounds differently)."""
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        outputs = model(torch.zeros(1, 3, size, size))
+    model.train(was_training)
+    return [LayoutRow(r.name, (o.shape[2], o.shape[3]), r.anchors_per_cell, r.values_per_anchor) for r, o in zip(rows, outputs)]  # (B, A, H, W, 5 + C)
 
 
 def _force_fp32(cfg: Config) -> Callable[[str], bool]:
@@ -182,7 +303,9 @@ def _force_fp32(cfg: Config) -> Callable[[str], bool]:
 def build_detector(cfg: Config, class_names: list[str]) -> Detector:
     if cfg.model.arch in ("ssd", "ssdlite"):
         return build_ssd(cfg, class_names)
-    raise ValueError(f"model.arch: {cfg.model.arch!r} is not wired into the pipeline yet")
+    if cfg.model.arch == "yolov3":
+        return build_yolov3(cfg, class_names)
+    return build_yolov1(cfg, class_names)
 
 
 def records_class_counts(records: list[ImageRecord], num_classes: int) -> list[int]:

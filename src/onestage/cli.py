@@ -49,6 +49,13 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--priors", type=Path, metavar="FILE.npy", help="save the priors (P, 4) cxcywh normalized")
     i.add_argument("--num-classes", type=int, help="classes to lay out (default: the dataset's)")
 
+    a = sub.add_parser("anchors", help="k-means YOLO anchors for a dataset (1 - IoU distance)")
+    a.add_argument("config", help="experiment YAML whose data.train split is clustered")
+    a.add_argument("overrides", nargs="*")
+    a.add_argument("--num", type=int, default=9, help="number of anchors (default 9)")
+    a.add_argument("--size", type=int, help="network input size (default: model.input_size)")
+    a.add_argument("--threshold", type=float, default=0.5, help="assignment IoU threshold for the coverage share")
+
     d = sub.add_parser("data", help="dataset tools")
     dsub = d.add_subparsers(dest="data_command", required=True)
     c = dsub.add_parser("check", help="read a dataset once and report what is in it and what is wrong")
@@ -61,7 +68,16 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    # Overrides may come after options too (`inspect CFG --json a.b=1`): collect the stray ones.
+    args, extra = parser.parse_known_args(argv)
+    stray = [e for e in extra if e.startswith("-") or "=" not in e]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        if not hasattr(args, "overrides"):
+            parser.error(f"{args.command} takes no key=value overrides: {' '.join(extra)}")
+        args.overrides = list(args.overrides or []) + extra
     try:
         if args.command == "train":
             return cmd_train(args)
@@ -71,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_predict(args)
         if args.command == "inspect":
             return cmd_inspect(args)
+        if args.command == "anchors":
+            return cmd_anchors(args)
         if args.command == "data" and args.data_command == "check":
             return cmd_data_check(args)
     except ConfigError as exc:
@@ -276,7 +294,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         "num_classes": len(class_names), "scoring": detector.scoring, "parameters": params,
         "maps": [
             {"name": r.name, "grid": list(r.grid), "anchors_per_cell": r.anchors_per_cell,
-             "values_per_anchor": r.values_per_anchor, "channels": r.anchors_per_cell * r.values_per_anchor,
+             "values_per_anchor": r.values_per_anchor, "shared_per_cell": r.shared_per_cell, "channels": r.channels,
              "candidates": r.candidates}
             for r in rows
         ],
@@ -302,6 +320,33 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     print(f"{'total':<22}{'':>9}{'':>14}{'':>15}{'':>10}{total:>12}")
     if args.priors is not None:
         print(f"priors saved to {args.priors} ({total}, 4) cxcywh normalized")
+    return 0
+
+
+# ----------------------------------------------------------------------------- anchors
+def cmd_anchors(args: argparse.Namespace) -> int:
+    from onestage.anchors import anchor_fit, kmeans_anchors, letterbox_wh, split_by_scale
+    from onestage.build import read_dataset
+
+    cfg = load_config(args.config, args.overrides)
+    size = args.size or cfg.model.input_size
+    spec = read_dataset(cfg.data.train, cfg)
+    wh = np.concatenate([r.boxes[:, 2:] - r.boxes[:, :2] for r in spec.records if len(r.boxes)])
+    sizes = np.concatenate([np.tile([[r.width, r.height]], (len(r.boxes), 1)) for r in spec.records if len(r.boxes)])
+    wh = letterbox_wh(wh, sizes, size)  # box shapes as the network sees them after the letterbox
+    anchors = kmeans_anchors(wh, k=args.num, seed=cfg.seed)
+    default = np.array([a for group in cfg.model.anchors.sizes for a in group], dtype=np.float64) * size / cfg.model.input_size
+    print(f"{len(wh)} boxes of {len(spec.records)} images, letterboxed to {size}x{size}")
+    print(f"{'anchors':<10}{'mean best IoU':>15}{f'share > {args.threshold}':>14}")
+    for name, a in (("k-means", anchors), ("config", default)):
+        mean_iou, share = anchor_fit(wh, a, args.threshold)
+        print(f"{name:<10}{mean_iou:>15.4f}{share:>14.3f}")
+    print("k-means anchors (w, h) in input pixels, smallest first:")
+    print("  " + "  ".join(f"({w:.0f},{h:.0f})" for w, h in anchors))
+    if args.num % 3 == 0:
+        groups = split_by_scale(anchors, [args.num // 3] * 3)
+        print("for the config (model.anchors.sizes, coarsest scale first):")
+        print("  " + json.dumps([[[round(w), round(h)] for w, h in g] for g in groups]))
     return 0
 
 

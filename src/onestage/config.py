@@ -50,16 +50,50 @@ class AnchorsConfig(Strict):
     ]
 
 
+class YOLOv3Config(Strict):
+    """YOLOv3 assignment and loss (DESIGN.md section 3, seed 000); see losses/yolov3.py."""
+
+    # null: the seed-000 loss as configured below; darknet: reproduce Darknet's yolo layer
+    # (BCE-gradient x, y; 0.5 MSE w, h; the (2 - w h) weight; global anchors; ignore 0.7).
+    preset: Literal["darknet"] | None = None
+    assign_mode: Literal["global", "per_scale"] = "global"  # best of all anchors, or per scale
+    ignore_by: Literal["prediction", "anchor"] = "prediction"
+    ignore_thres: float = Field(0.5, ge=0, le=1)
+    xy_loss: Literal["mse", "bce"] = "mse"
+    box_weight_2wh: bool = False  # weight box terms by (2 - w h): small boxes count more
+    box_weight: float = Field(1.0, ge=0)
+    obj_weight: float = Field(1.0, ge=0)
+    noobj_weight: float = Field(1.0, ge=0)
+    cls_weight: float = Field(1.0, ge=0)
+    reduction: Literal["sum", "mean"] = "sum"  # sum over the batch / batch size, or mean
+    neck_width: float = Field(1.0, gt=0, le=2)  # channel multiplier of the neck and head
+
+
+class YOLOv1Config(Strict):
+    """YOLOv1 grid, head and loss (YOLOv1 paper section 2, seed 000)."""
+
+    grid: int = Field(7, ge=1)  # S
+    boxes_per_cell: int = Field(2, ge=1)  # B
+    hidden: int = Field(4096, ge=1)  # the first fully connected layer's width
+    dropout: float = Field(0.5, ge=0, lt=1)
+    lambda_coord: float = Field(5.0, ge=0)
+    lambda_noobj: float = Field(0.5, ge=0)
+    conf_target: Literal["iou", "one"] = "iou"
+
+
 class ModelConfig(Strict):
     # Which detector: SSD-family heads score C+1 classes, YOLO ones objectness + C.
     arch: Literal["ssd", "ssdlite", "yolov3", "yolov1"] = "ssd"
-    backbone: Literal["mobilenet_v2", "vgg16", "darknet53", "tiny"] = "mobilenet_v2"
-    width_mult: float = Field(1.0, gt=0, le=2)  # MobileNetV2 width multiplier
+    # tiny: a small conv stack for CPU training; yolov1: the 24-conv network of the YOLOv1 paper.
+    backbone: Literal["mobilenet_v2", "vgg16", "darknet53", "tiny", "yolov1"] = "mobilenet_v2"
+    width_mult: float = Field(1.0, gt=0, le=2)  # MobileNetV2 / Darknet-53 width multiplier
     input_size: int = Field(300, ge=32, le=2048)  # square network input, pixels
     # SSD extra layers' output channels after the backbone maps (the 5, 3, 1 maps at 300).
     extra_channels: list[int] = [512, 256, 256]
     priors: PriorsConfig = PriorsConfig()
     anchors: AnchorsConfig = AnchorsConfig()
+    yolov3: YOLOv3Config = YOLOv3Config()
+    yolov1: YOLOv1Config = YOLOv1Config()
     # ImageNet weights for the backbone, in torchvision's state_dict format (optional).
     backbone_weights: Path | None = None
 
@@ -173,13 +207,16 @@ class TrainConfig(Strict):
 
 
 class EvalConfig(Strict):
-    score_threshold: float = Field(0.01, ge=0, le=1)  # DESIGN.md: 0.01 SSD, 0.001 YOLO
+    # null = the family's default (DESIGN.md section 3): SSD 0.01 / 200 per class / 200 per
+    # image; YOLO 0.001 / 1000 per image / 100 per image.
+    score_threshold: float | None = Field(None, ge=0, le=1)
     display_threshold: float = Field(0.4, ge=0, le=1)  # for drawn predictions
     nms_iou: float = Field(0.45, gt=0, le=1)
-    pre_nms_top_k: int = Field(200, ge=1)  # per class
-    max_detections: int = Field(200, ge=1)  # per image
+    pre_nms_top_k: int | None = Field(None, ge=1)
+    max_detections: int | None = Field(None, ge=1)
     iou_threshold: float = Field(0.5, gt=0, le=1)  # VOC AP
     voc_metric: Literal["area", "11point"] = "area"
+    metrics: list[Literal["voc", "coco"]] = ["voc"]  # coco adds AP@[.5:.95], AP75, AR...
     num_images_drawn: int = Field(8, ge=0)
 
 

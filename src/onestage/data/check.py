@@ -243,3 +243,41 @@ def check_dataset(
     status = 1 if problems.errors else 0
     lines.append("status: " + ("FAILED (errors above)" if status else "OK"))
     return "\n".join(lines), status
+
+
+def draw_augmented(
+    spec: DatasetSpec,
+    transform,
+    count: int,
+    out_png: Path,
+    mean: tuple[float, float, float],
+    std: tuple[float, float, float],
+    seed: int = 0,
+) -> Path:
+    """Draw ``count`` training samples as the model sees them (after augmentation)."""
+    from onestage.data.base import DetectionDataset, seed_sample
+    from onestage.data.transforms import denormalize
+
+    if not spec.records:
+        raise DataError("augmented samples: the dataset has no images")
+    dataset = DetectionDataset(spec.records, spec.class_names, transform)
+    tiles = []
+    for k in range(count):
+        index = k % len(dataset)
+        seed_sample(seed, k // len(dataset), index)  # a different draw each time an image recurs
+        sample = dataset[index]
+        image = denormalize(sample["image"], mean, std)
+        size = image.shape[0]
+        boxes = sample["boxes"].numpy() * size
+        drawn = draw_boxes(image, boxes, sample["labels"].numpy(), spec.class_names)
+        scale = TILE / size
+        cell = np.full((TILE + 18, TILE, 3), 40, dtype=np.uint8)
+        cell[:TILE, :TILE] = cv2.resize(drawn, (TILE, TILE), interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
+        cv2.putText(cell, f"#{index}  {len(boxes)} boxes", (4, TILE + 13), cv2.FONT_HERSHEY_SIMPLEX, 0.4,
+                    (230, 230, 230), 1, cv2.LINE_AA)
+        tiles.append(cell)
+    out_png = Path(out_png)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    if not cv2.imwrite(str(out_png), cv2.cvtColor(_grid(tiles), cv2.COLOR_RGB2BGR)):
+        raise DataError(f"{out_png}: could not write the augmented samples")
+    return out_png

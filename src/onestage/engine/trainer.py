@@ -35,7 +35,12 @@ from onestage.engine.evaluate import evaluate
 from onestage.engine.optim import build_optimizer, clip_grad
 from onestage.engine.precision import LossScaler, autocast_context
 from onestage.engine.schedule import LRScheduler
-from onestage.engine.signals import handle_termination, raise_on_termination, termination_requested
+from onestage.engine.signals import (
+    TerminationRequested,
+    handle_termination,
+    raise_on_termination,
+    termination_requested,
+)
 
 
 class TrainingError(RuntimeError):
@@ -304,6 +309,7 @@ def train(
                          "nonfinite_steps": state.nonfinite_total, "images_per_s": images.shape[0] / dt,
                          "time_s": elapsed}
                     )
+                    metrics.flush()  # a small file: rewriting it keeps it readable at any moment
                 out_of_time = budget_s is not None and elapsed >= budget_s - final_eval_reserve
                 if termination_requested() or (max_steps is not None and state.step >= max_steps) or out_of_time:
                     break
@@ -325,7 +331,15 @@ def train(
             last_epoch = (budget_s is None and epoch + 1 >= cfg.train.epochs) or out_of_time
             if (epoch + 1) % cfg.train.eval_every == 0 or last_epoch:
                 t_eval = time.perf_counter()
-                values = validate()
+                try:
+                    values = validate()
+                except TerminationRequested:
+                    # The epoch's steps are done; a resumed run starts with this validation.
+                    save("last.pt")
+                    metrics.flush()
+                    stop_reason = "terminated"
+                    print(f"\n[stopped] during validation; resume with: onestage train --resume {run_dir}", file=sys.stderr)
+                    break
                 final_eval_reserve = time.perf_counter() - t_eval
                 metrics.log({"kind": "epoch", "step": state.step, "epoch": epoch + 1, **values,
                              "time_s": time.perf_counter() - start_time})

@@ -99,13 +99,33 @@ def _extra_layer(
     )
 
 
+def extra_strides_paddings(map_size: int, num_layers: int) -> list[tuple[int, int]]:
+    """(stride, padding) per extra layer for a square ``map_size`` input map: halve with
+    s2 p1 (H -> ceil(H / 2)), except that a 3x3 map goes to 1x1 with s1 p0 as the reference
+    SSD300's last layer. At 300 this is 10 -> 5 -> 3 -> 1; at 256, 8 -> 4 -> 2 -> 1."""
+    plan = []
+    size = map_size
+    for _ in range(num_layers):
+        if size == 3:
+            plan.append((1, 0))
+            size = 1
+        else:
+            plan.append((2, 1))
+            size = (size + 1) // 2
+    return plan
+
+
 def mobilenet_v2_ssd_extras(
-    in_ch: int, channels: Sequence[int] = (512, 256, 256), depthwise: bool = False
+    in_ch: int, channels: Sequence[int] = (512, 256, 256), depthwise: bool = False, map_size: int | None = None
 ) -> SSDExtras:
     """MobileNetV2-SSD / SSDLite extras: 10 -> 5 (s2 p1) -> 3 (s2 p1) -> 1 (s1 p0) at input 300.
 
+    ``map_size``: the backbone's last map side for another input size; the layers then
+    follow ``extra_strides_paddings`` (e.g. 8 -> 4 -> 2 -> 1 at 256).
     BN + ReLU6 as the rest of MobileNetV2; depthwise-separable 3x3 convs for SSDLite.
     """
+    if map_size is not None:
+        return SSDExtras(in_ch, channels, extra_strides_paddings(map_size, len(channels)), depthwise=depthwise)
     if len(channels) != len(MOBILENET_V2_EXTRA_STRIDES_PADDINGS):
         raise ValueError(
             f"the MobileNetV2-SSD extras have {len(MOBILENET_V2_EXTRA_STRIDES_PADDINGS)} layers "
