@@ -160,7 +160,7 @@ def test_cli_train_eval_predict(tmp_path, capsys):
     for name in ("config.yaml", "metrics.csv", "last.pt", "best.pt", "plots/losses.png", "plots/lr.png",
                  "eval/pr_curves.png", "eval/metrics.json"):
         assert (run / name).exists(), name
-    assert len(list((run / "predictions").glob("*.jpg"))) == 4
+    assert len(list((run / "predictions").glob("*.png"))) == 4
     capsys.readouterr()
     assert cli_main(["eval", *args[:1], str(run / "best.pt"), *TINY, "--json"]) == 0
     metrics = json.loads(capsys.readouterr().out)

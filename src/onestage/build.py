@@ -120,43 +120,74 @@ def build_datasets(cfg: Config) -> tuple[DetectionDataset, DetectionDataset, Dat
 
 
 # ----------------------------------------------------------------------------- models
-def _ssd_backbone_and_extras(cfg: Config):
-    from onestage.models.backbones.mobilenet_v2 import MobileNetV2Backbone
-    from onestage.models.backbones.vgg16 import VGG16Backbone
-    from onestage.models.heads.ssd import mobilenet_v2_ssd_extras, vgg16_ssd_extras
+def _ssd_backbone_and_extras(cfg: Config, num_maps: int):
+    """The backbone named in the config and the extra layers that give ``num_maps`` maps in all.
+
+    MobileNetV2 and VGG16 get the reference extras (SSDLite: depthwise-separable); any other
+    backbone gets generic extras that halve its last map down to 1x1 (issue 7: any head on
+    any backbone, the maps a head reads declared by the backbone).
+    """
+    from onestage.models.heads.ssd import SSDExtras, extra_strides_paddings, vgg16_ssd_extras
 
     lite = cfg.model.arch == "ssdlite"
-    if cfg.model.backbone == "mobilenet_v2":
-        backbone = MobileNetV2Backbone(cfg.model.width_mult)
-        last_map = cfg.model.input_size
-        for _ in range(5):  # five stride-2 convs (k3, p1): H -> ceil(H / 2)
-            last_map = (last_map + 1) // 2
-        extras = mobilenet_v2_ssd_extras(
-            backbone.out_channels[-1], cfg.model.extra_channels, depthwise=lite, map_size=last_map
+    backbone = _backbone(cfg)
+    num_extras = num_maps - len(backbone.out_channels)
+    if num_extras < 0:
+        raise ValueError(
+            f"model.priors.aspect_ratios: {num_maps} maps, but the {cfg.model.backbone} backbone alone gives "
+            f"{len(backbone.out_channels)}"
         )
-    elif cfg.model.backbone == "vgg16":
-        backbone = VGG16Backbone()
-        extras = vgg16_ssd_extras(backbone.out_channels[-1])
+    channels = cfg.model.extra_channels
+    reference_vgg = cfg.model.backbone == "vgg16" and cfg.model.input_size == 300 and num_extras == 4 and not lite
+    if channels is None:
+        defaults = {"mobilenet_v2": [512, 256, 256], "vgg16": [512, 256, 256, 256]}
+        channels = (defaults.get(cfg.model.backbone, []) + [256] * num_extras)[:num_extras]
+    if len(channels) != num_extras:
+        raise ValueError(
+            f"model.extra_channels: {len(channels)} values, but {num_maps} maps with {len(backbone.out_channels)} "
+            f"from the backbone need {num_extras} extra layers"
+        )
+    if reference_vgg and channels == [512, 256, 256, 256]:
+        return backbone, vgg16_ssd_extras(backbone.out_channels[-1])
+    last_map = _backbone_map_sizes(backbone, cfg.model.input_size)[-1]
+    plan = extra_strides_paddings(last_map, num_extras)
+    if cfg.model.backbone == "vgg16":  # the reference VGG extras: conv + bias + ReLU, no BatchNorm
+        extras = SSDExtras(backbone.out_channels[-1], channels, plan, depthwise=False, batch_norm=False, act=nn.ReLU)
     else:
-        raise ValueError(f"model.backbone: {cfg.model.backbone!r} is not available for SSD yet")
-    if cfg.model.backbone_weights is not None:
-        from onestage.models.backbones.base import load_torchvision_weights
-
-        load_torchvision_weights(backbone, cfg.model.backbone_weights)
+        extras = SSDExtras(backbone.out_channels[-1], channels, plan, depthwise=lite)
     return backbone, extras
 
 
-def build_ssd(cfg: Config, class_names: list[str]) -> Detector:
+def _backbone_map_sizes(backbone: nn.Module, size: int) -> list[int]:
+    """Side of each backbone map for a square input. MobileNetV2 by formula (five stride-2
+    k3 p1 convs: H -> ceil(H / 2)), others by one dummy forward."""
+    from onestage.models.backbones.mobilenet_v2 import MobileNetV2Backbone
+
+    if isinstance(backbone, MobileNetV2Backbone):
+        sides, side = [], size
+        for stage in range(5):
+            side = (side + 1) // 2
+            if stage >= 2:
+                sides.append(side)
+        return sides
+    was_training = backbone.training
+    backbone.eval()
+    with torch.no_grad():
+        maps = backbone(torch.zeros(1, 3, size, size))
+    backbone.train(was_training)
+    return [m.shape[-1] for m in maps]
+
+
+def build_ssd(
+    cfg: Config, class_names: list[str], positives_normalizer: Callable[[Tensor], Tensor] | None = None
+) -> Detector:
     from onestage.losses.multibox import MultiboxLoss
     from onestage.models.heads.ssd import SSD, SSDHead
     from onestage.postprocess import SSDPostProcessor
     from onestage.priors import generate_priors, make_layout
 
-    backbone, extras = _ssd_backbone_and_extras(cfg)
     pc = cfg.model.priors
-    num_maps = len(backbone.out_channels) + len(extras.out_channels)
-    if len(pc.aspect_ratios) != num_maps:
-        raise ValueError(f"model.priors.aspect_ratios: {len(pc.aspect_ratios)} lists for {num_maps} feature maps")
+    backbone, extras = _ssd_backbone_and_extras(cfg, len(pc.aspect_ratios))
     anchors = [2 + 2 * len(r) for r in pc.aspect_ratios]
     lite = cfg.model.arch == "ssdlite"
     head = SSDHead(backbone.out_channels + extras.out_channels, anchors, len(class_names) + 1, depthwise=lite)
@@ -168,7 +199,7 @@ def build_ssd(cfg: Config, class_names: list[str]) -> Detector:
     )
     priors = generate_priors(layout)
     force = _force_fp32(cfg)
-    criterion = MultiboxLoss(priors, cfg.matcher, cfg.loss, force_fp32=force)
+    criterion = MultiboxLoss(priors, cfg.matcher, cfg.loss, force_fp32=force, positives_normalizer=positives_normalizer)
     ev = cfg.eval
     post = SSDPostProcessor(
         priors, cfg.loss.variances, _or(ev.score_threshold, 0.01), ev.nms_iou, _or(ev.pre_nms_top_k, 200),
@@ -300,9 +331,13 @@ def _force_fp32(cfg: Config) -> Callable[[str], bool]:
     return force
 
 
-def build_detector(cfg: Config, class_names: list[str]) -> Detector:
+def build_detector(
+    cfg: Config, class_names: list[str], positives_normalizer: Callable[[Tensor], Tensor] | None = None
+) -> Detector:
+    """``positives_normalizer``: the SSD loss's N under DDP (see ``MultiboxLoss``); the YOLO
+    losses divide by the per-process batch size, which is already split-invariant."""
     if cfg.model.arch in ("ssd", "ssdlite"):
-        return build_ssd(cfg, class_names)
+        return build_ssd(cfg, class_names, positives_normalizer)
     if cfg.model.arch == "yolov3":
         return build_yolov3(cfg, class_names)
     return build_yolov1(cfg, class_names)

@@ -28,12 +28,18 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (smoke tests)")
     t.add_argument("--no-progress", action="store_true", help="no progress bars")
 
-    e = sub.add_parser("eval", help="evaluate a checkpoint on the config's validation split")
-    e.add_argument("config")
-    e.add_argument("checkpoint", type=Path)
+    e = sub.add_parser(
+        "eval", help="evaluate a checkpoint (or a COCO results file) on the config's validation split",
+        description="onestage eval CONFIG CHECKPOINT [key=value ...]  |  onestage eval --results FILE.json --dataset CONFIG",
+    )
+    e.add_argument("config", nargs="?", help="experiment YAML (its data.val split is the ground truth)")
+    e.add_argument("checkpoint", nargs="?", type=Path)
     e.add_argument("overrides", nargs="*")
+    e.add_argument("--dataset", metavar="CONFIG", help="the config, when scoring --results without a checkpoint")
+    e.add_argument("--results", type=Path, metavar="FILE.json", help="score this COCO results file instead of a model")
+    e.add_argument("--save-results", type=Path, metavar="FILE.json", help="write the detections in COCO results format")
     e.add_argument("--json", action="store_true", help="print the metrics as JSON")
-    e.add_argument("--out", type=Path, help="folder for the PR curves and drawn worst images")
+    e.add_argument("--out", type=Path, help="folder for PR curves, the confusion summary and the worst images")
 
     pr = sub.add_parser("predict", help="draw a checkpoint's detections on images")
     pr.add_argument("config")
@@ -48,6 +54,7 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true")
     i.add_argument("--priors", type=Path, metavar="FILE.npy", help="save the priors (P, 4) cxcywh normalized")
     i.add_argument("--num-classes", type=int, help="classes to lay out (default: the dataset's)")
+    i.add_argument("--compare", metavar="CONFIG_B", help="a second config, printed side by side")
 
     a = sub.add_parser("anchors", help="k-means YOLO anchors for a dataset (1 - IoU distance)")
     a.add_argument("config", help="experiment YAML whose data.train split is clustered")
@@ -102,27 +109,36 @@ def main(argv: list[str] | None = None) -> int:
 
 # ----------------------------------------------------------------------------- train
 def cmd_train(args: argparse.Namespace) -> int:
+    from onestage.engine import distributed as dist
     from onestage.engine.trainer import TrainingError, load_run_config, make_run_dir, train
 
     if args.resume is not None:
         cfg = load_run_config(args.resume)
-        run_dir = args.resume
     else:
         if args.config is None:
             raise ConfigError("train: give a CONFIG file or --resume RUN_DIR")
         cfg = load_config(args.config, args.overrides)
-        run_dir = make_run_dir(cfg, args.config)
     if args.plot_lr:
-        return _plot_lr(cfg, run_dir)
-    print(f"[run] {run_dir}", file=sys.stderr)
+        return _plot_lr(cfg, args.resume or make_run_dir(cfg, args.config))
     try:
+        # Under torchrun: join the other processes (nothing happens in a single process).
+        dist.init_distributed(cfg.dist)
+        main = dist.is_main()
+        with dist.collective_failures_as(dist.DistributedError):
+            # Rank 0 names (and creates) the run folder; a name with the time in it could differ per rank.
+            run_dir = args.resume or dist.broadcast_object(make_run_dir(cfg, args.config) if main else None)
+        if main:
+            print(f"[run] {run_dir}", file=sys.stderr)
         summary = train(cfg, run_dir, resume=args.resume is not None, progress=not args.no_progress, max_steps=args.max_steps)
-    except TrainingError as exc:
+    except (TrainingError, dist.DistributedError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 3
+    finally:
+        dist.cleanup()
     if summary["stop_reason"] == "terminated":
         return 130
-    _finish_run(cfg, run_dir, summary)
+    if main:  # plots, the final evaluation and drawings: rank 0 alone, after the others are done
+        _finish_run(cfg, run_dir, summary)
     return 0
 
 
@@ -181,25 +197,80 @@ def _evaluate_and_report(cfg, detector, val_ds, device, out_dir: Path | None, pr
     from onestage.engine.evaluate import evaluate
     from onestage.eval.evaluator import format_table
 
+    from onestage.eval.plots import ERROR_KINDS, confusion_summary, draw_worst_images, plot_pr_curves
+
     result, dets = evaluate(detector, val_ds, cfg, device, progress=progress, keep_detections=True)
+    confusion = confusion_summary(val_ds.records, dets, val_ds.class_names, iou=cfg.eval.iou_threshold,
+                                  score_threshold=cfg.eval.display_threshold)
     if not quiet:
         print(format_table(result))
+        print(f"at score >= {cfg.eval.display_threshold}: {confusion['true_positives']} true positives, "
+              f"{confusion['missed']} missed, {confusion['false_positives']} false positives ("
+              + ", ".join(f"{k.replace('_', ' ')} {confusion[k]}" for k in ERROR_KINDS)
+              + ")")
     if out_dir is not None:
-        from onestage.eval.plots import plot_pr_curves
-
         out_dir.mkdir(parents=True, exist_ok=True)
         plot_pr_curves(result, out_dir / "pr_curves.png")
+        (out_dir / "confusion.json").write_text(json.dumps(confusion, indent=2))
+        draw_worst_images(val_ds.records, dets, val_ds.class_names, out_dir / "worst", cfg.eval.num_images_drawn,
+                          val_ds.image_loader, score_threshold=cfg.eval.display_threshold)
     return result, dets
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config, args.overrides)
-    detector, val_ds, device = _load_for_eval(cfg, args.checkpoint)
-    result, _ = _evaluate_and_report(cfg, detector, val_ds, device, args.out, progress=not args.json, quiet=args.json)
-    if args.json:
-        from onestage.eval.evaluator import result_to_json
+    from onestage.eval.evaluator import result_to_json
 
+    config = args.dataset or args.config
+    if config is None:
+        raise ConfigError("eval: give CONFIG (or --dataset CONFIG with --results)")
+    if args.checkpoint is not None and "=" in str(args.checkpoint) and not args.checkpoint.exists():
+        args.overrides = [str(args.checkpoint), *args.overrides]  # `eval CFG --results F a.b=1`
+        args.checkpoint = None
+    cfg = load_config(config, args.overrides)
+    if args.results is not None:
+        return _score_results(cfg, args.results, args.json)
+    if args.checkpoint is None:
+        raise ConfigError("eval: give a CHECKPOINT to evaluate, or --results FILE.json to score")
+    detector, val_ds, device = _load_for_eval(cfg, args.checkpoint)
+    result, dets = _evaluate_and_report(cfg, detector, val_ds, device, args.out, progress=not args.json, quiet=args.json)
+    if args.save_results is not None:
+        from onestage.eval.coco import coco_image_id_map
+        from onestage.eval.results import save_coco_results
+
+        records = val_ds.records
+        id_map = coco_image_id_map([r.image_id for r in records])
+        n = save_coco_results(args.save_results, [id_map[r.image_id] for r in records], dets,
+                              _category_ids(cfg, len(val_ds.class_names)))
+        print(f"[eval] {n} detections written to {args.save_results}", file=sys.stderr)
+    if args.json:
         print(json.dumps(result_to_json(result), indent=2))
+    return 0
+
+
+def _category_ids(cfg: Config, num_classes: int) -> list[int]:
+    """Original COCO category ids for a COCO dataset, else 1..C."""
+    if cfg.data.val.format == "coco":
+        from onestage.build import read_dataset
+
+        spec = read_dataset(cfg.data.val, cfg)
+        return list(spec.category_ids)  # type: ignore[attr-defined]
+    return list(range(1, num_classes + 1))
+
+
+def _score_results(cfg: Config, results: Path, as_json: bool) -> int:
+    """Score a COCO results file from any detector against the config's val split."""
+    from onestage.build import read_dataset
+    from onestage.eval.coco import records_to_coco_gt
+    from onestage.eval.results import score_results_file
+
+    spec = read_dataset(cfg.data.val, cfg)
+    gt = records_to_coco_gt(spec.records, spec.class_names, getattr(spec, "category_ids", None))
+    metrics = score_results_file(results, gt)
+    if as_json:
+        print(json.dumps(metrics, indent=2))
+    else:
+        for key, value in metrics.items():
+            print(f"{key:<18}{value:8.4f}")
     return 0
 
 
@@ -216,7 +287,7 @@ def _draw_dataset_predictions(cfg: Config, detector, dataset, dets, out_dir: Pat
         d = dets[i]
         keep = d["scores"] >= cfg.eval.display_threshold
         drawn = draw_boxes(image, d["boxes"][keep], d["labels"][keep], detector.class_names, d["scores"][keep])
-        cv2.imwrite(str(out_dir / f"{rec.image_id}.jpg"), cv2.cvtColor(drawn, cv2.COLOR_RGB2BGR))
+        cv2.imwrite(str(out_dir / f"{rec.image_id}.png"), cv2.cvtColor(drawn, cv2.COLOR_RGB2BGR))
 
 
 def _collect_images(inputs: list[Path]) -> list[Path]:
@@ -259,7 +330,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         scores, labels = det.scores.float().cpu().numpy(), det.labels.cpu().numpy()
         keep = scores >= threshold
         drawn = draw_boxes(image, boxes[keep], labels[keep], detector.class_names, scores[keep])
-        cv2.imwrite(str(args.out / f"{path.stem}.jpg"), cv2.cvtColor(drawn, cv2.COLOR_RGB2BGR))
+        cv2.imwrite(str(args.out / f"{path.stem}.png"), cv2.cvtColor(drawn, cv2.COLOR_RGB2BGR))
         results.append({
             "image": str(path), "width": w, "height": h,
             "detections": [
@@ -275,51 +346,45 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------- inspect
-def cmd_inspect(args: argparse.Namespace) -> int:
+def _describe(config: str, overrides: list[str], num_classes: int | None, priors: Path | None = None) -> dict:
     from onestage.build import build_detector, read_dataset
+    from onestage.inspect import describe
 
-    cfg = load_config(args.config, args.overrides)
-    if args.num_classes is not None:
-        class_names = [f"class{i}" for i in range(args.num_classes)]
+    cfg = load_config(config, overrides)
+    if num_classes is not None:
+        class_names = [f"class{i}" for i in range(num_classes)]
     elif cfg.data.class_names:
         class_names = list(cfg.data.class_names)
     else:
         class_names = read_dataset(cfg.data.train, cfg).class_names
     detector = build_detector(cfg, class_names)
-    rows = detector.layout
-    total = sum(r.candidates for r in rows)
-    params = sum(p.numel() for p in detector.model.parameters())
-    info = {
-        "arch": cfg.model.arch, "backbone": cfg.model.backbone, "input_size": cfg.model.input_size,
-        "num_classes": len(class_names), "scoring": detector.scoring, "parameters": params,
-        "maps": [
-            {"name": r.name, "grid": list(r.grid), "anchors_per_cell": r.anchors_per_cell,
-             "values_per_anchor": r.values_per_anchor, "shared_per_cell": r.shared_per_cell, "channels": r.channels,
-             "candidates": r.candidates}
-            for r in rows
-        ],
-        "total_candidates": total,
-    }
-    if args.priors is not None and detector.priors is not None:
-        np.save(args.priors, detector.priors.numpy())
-        info["priors_file"] = str(args.priors)
-    if args.json:
-        print(json.dumps(info, indent=2))
+    info = describe(cfg, detector)
+    if priors is not None:
+        if detector.priors is None:
+            raise ConfigError(f"--priors: {cfg.model.arch} has anchors per grid cell, not a list of priors")
+        np.save(priors, detector.priors.numpy())
+        info["priors_file"] = str(priors)
+    return info
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from onestage.inspect import format_comparison, format_layout
+
+    info = _describe(args.config, args.overrides, args.num_classes, args.priors)
+    if args.compare is None:
+        if args.json:
+            print(json.dumps(info, indent=2))
+            return 0
+        print(format_layout(info))
+        if "priors_file" in info:
+            print(f"priors saved to {info['priors_file']} ({info['total_candidates']}, 4) cxcywh normalized")
         return 0
-    print(f"{cfg.model.arch} on {cfg.model.backbone}, input {cfg.model.input_size}x{cfg.model.input_size}, "
-          f"{len(class_names)} classes, {params:,} parameters")
-    print(f"scores: {detector.scoring}")
-    header = f"{'map':<22}{'grid':>9}{'anchors/cell':>14}{'values/anchor':>15}{'channels':>10}{'candidates':>12}"
-    print(header)
-    print("-" * len(header))
-    for r in info["maps"]:
-        grid = f"{r['grid'][0]}x{r['grid'][1]}"
-        print(f"{r['name']:<22}{grid:>9}{r['anchors_per_cell']:>14}{r['values_per_anchor']:>15}"
-              f"{r['channels']:>10}{r['candidates']:>12}")
-    print("-" * len(header))
-    print(f"{'total':<22}{'':>9}{'':>14}{'':>15}{'':>10}{total:>12}")
-    if args.priors is not None:
-        print(f"priors saved to {args.priors} ({total}, 4) cxcywh normalized")
+    # `inspect --compare CONFIG_A CONFIG_B`: argparse gives A to --compare and B as CONFIG.
+    first = _describe(args.compare, [], args.num_classes)
+    if args.json:
+        print(json.dumps({"a": first, "b": info}, indent=2))
+        return 0
+    print(format_layout(first), format_layout(info), format_comparison(first, info), sep="\n\n")
     return 0
 
 

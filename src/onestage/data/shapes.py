@@ -28,8 +28,8 @@ from onestage.data.base import ImageRecord
 
 SHAPE_CLASSES: tuple[str, ...] = ("circle", "square", "triangle", "star", "cross")
 
-MAX_HIDDEN = 0.4  # largest fraction of an object's own pixels that later shapes may cover
-MIN_SIZE_AT_300 = 14.0  # smallest shape extent in pixels at image size 300
+MAX_HIDDEN = 0.25  # largest fraction of an object's own pixels that later shapes may cover
+MIN_SIZE_AT_300 = 16.0  # smallest shape extent in pixels at image size 300
 BACKGROUND_ONLY_P = 0.05  # fraction of images with no object at all
 MAX_OBJECTS = 6
 MIN_CONTRAST = 120.0  # Euclidean RGB distance between a shape and the background under it
