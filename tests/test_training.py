@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = [
     "model.arch=ssdlite", "model.width_mult=0.25", "model.extra_channels=[64,32,32]",
     "data.train.num_images=8", "data.val.num_images=4", "data.augment.preset=none",
-    "train.batch_size=4", "train.epochs=1", "train.log_every=1",
+    "train.batch_size=4", "train.epochs=1", "train.log_every=1", "train.time_budget=null", "train.eval_every=1",
     "schedule.warmup_steps=0", "optim.name=adamw", "optim.lr=0.002", "ema.enabled=false",
 ]
 
@@ -191,3 +191,35 @@ def test_time_budget_schedule_reaches_min_lr_and_stops_on_time(tmp_path):
     assert lrs[-1] <= 0.0001 + 0.05 * (0.002 - 0.0001), lrs[-5:]  # ...and ended at min_lr
     assert any(r[0] == "epoch" for r in rows[1:])  # the run evaluated when the budget ran out
     assert (tmp_path / "budget" / "best.pt").exists()
+
+
+def test_raccoon_voc_one_epoch(tmp_path):
+    """The MobileNetV2-SSD VOC config trains an epoch on the real raccoon photographs."""
+    cfg = load_config(ROOT / "configs" / "ssd300_mobilenetv2_voc.yaml", [
+        "model.input_size=160", "model.width_mult=0.25", "model.extra_channels=[64,32,32]",
+        "model.priors.min_sizes=[]", "model.priors.max_sizes=[]", "model.priors.steps=[]",
+        "data.train.limit=8", "data.val.limit=4", "train.batch_size=4", "train.epochs=1",
+        f"train.out_dir={tmp_path}", "train.name=raccoon",
+    ])
+    summary = train(cfg, tmp_path / "raccoon", progress=False)
+    assert summary["steps"] == 2 and summary["epochs"] == 1
+    rows = (tmp_path / "raccoon" / "metrics.csv").read_text().splitlines()
+    assert any(r.startswith("epoch,") for r in rows)
+    assert load_checkpoint(tmp_path / "raccoon" / "best.pt")["class_names"] == ["raccoon"]
+
+
+def test_eval_results_file_round_trip(tmp_path, capsys):
+    """`eval --save-results` then `eval --results` scores the same detections to the same numbers."""
+    args = [str(ROOT / "configs" / "demo_shapes.yaml"), *TINY, f"train.out_dir={tmp_path}", "train.name=res",
+            "eval.metrics=[voc,coco]"]
+    assert cli_main(["train", *args, "--no-progress", "--max-steps", "2"]) == 0
+    capsys.readouterr()
+    results = tmp_path / "dets.json"
+    assert cli_main(["eval", args[0], str(tmp_path / "res" / "last.pt"), *args[1:], "--json",
+                     "--save-results", str(results)]) == 0
+    direct = json.loads(capsys.readouterr().out)["metrics"]
+    assert json.loads(results.read_text())[0].keys() >= {"image_id", "category_id", "bbox", "score"}
+    assert cli_main(["eval", "--results", str(results), "--dataset", args[0], *args[1:], "--json"]) == 0
+    scored = json.loads(capsys.readouterr().out)
+    for key in ("coco_ap", "coco_ap50", "coco_ar100"):
+        assert scored[key] == pytest.approx(direct[key], abs=1e-6), key

@@ -224,7 +224,7 @@ def _backbone(cfg: Config):
     if name == "mobilenet_v2":
         from onestage.models.backbones.mobilenet_v2 import MobileNetV2Backbone
 
-        backbone = MobileNetV2Backbone(cfg.model.width_mult)
+        backbone = MobileNetV2Backbone(cfg.model.width_mult, taps=cfg.model.mobilenet_taps)
     elif name == "darknet53":
         from onestage.models.backbones.darknet53 import Darknet53Backbone
 

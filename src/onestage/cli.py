@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -132,6 +133,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         summary = train(cfg, run_dir, resume=args.resume is not None, progress=not args.no_progress, max_steps=args.max_steps)
     except (TrainingError, dist.DistributedError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        if dist.is_distributed():
+            # A process group with a dead or stalled peer cannot be torn down cleanly: gloo/NCCL
+            # threads may still wait on the peer, and the C++ runtime then aborts the process at
+            # exit (SIGABRT) or hangs in destroy_process_group. Leave at once with the error's code.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(3)
         return 3
     finally:
         dist.cleanup()
@@ -220,12 +228,18 @@ def _evaluate_and_report(cfg, detector, val_ds, device, out_dir: Path | None, pr
 def cmd_eval(args: argparse.Namespace) -> int:
     from onestage.eval.evaluator import result_to_json
 
+    # Optional positionals swallow key=value overrides (`eval --results F --dataset CFG a.b=1`):
+    # hand them back to the overrides.
+    moved = []
+    for name in ("checkpoint", "config"):
+        value = getattr(args, name)
+        if value is not None and "=" in str(value) and not Path(value).exists():
+            moved.insert(0, str(value))
+            setattr(args, name, None)
+    args.overrides = moved + list(args.overrides)
     config = args.dataset or args.config
     if config is None:
         raise ConfigError("eval: give CONFIG (or --dataset CONFIG with --results)")
-    if args.checkpoint is not None and "=" in str(args.checkpoint) and not args.checkpoint.exists():
-        args.overrides = [str(args.checkpoint), *args.overrides]  # `eval CFG --results F a.b=1`
-        args.checkpoint = None
     cfg = load_config(config, args.overrides)
     if args.results is not None:
         return _score_results(cfg, args.results, args.json)

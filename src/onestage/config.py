@@ -87,9 +87,13 @@ class ModelConfig(Strict):
     # tiny: a small conv stack for CPU training; yolov1: the 24-conv network of the YOLOv1 paper.
     backbone: Literal["mobilenet_v2", "vgg16", "darknet53", "tiny", "yolov1"] = "mobilenet_v2"
     width_mult: float = Field(1.0, gt=0, le=2)  # MobileNetV2 / Darknet-53 width multiplier
+    # MobileNetV2 maps: "blocks" (outputs of blocks 6 and 13) or "expansion" (the expansion
+    # layers of blocks 7 and 14, as SSDLite in the MobileNetV2 paper, section 6.2)
+    mobilenet_taps: Literal["blocks", "expansion"] = "blocks"
     input_size: int = Field(300, ge=32, le=2048)  # square network input, pixels
-    # SSD extra layers' output channels after the backbone maps (the 5, 3, 1 maps at 300).
-    extra_channels: list[int] = [512, 256, 256]
+    # SSD extra layers' output channels, one per extra map after the backbone's maps; null:
+    # the backbone's default (MobileNetV2 [512, 256, 256]; VGG16 the reference [512, 256, 256, 256]).
+    extra_channels: list[int] | None = None
     priors: PriorsConfig = PriorsConfig()
     anchors: AnchorsConfig = AnchorsConfig()
     yolov3: YOLOv3Config = YOLOv3Config()
@@ -194,6 +198,8 @@ class EMAConfig(Strict):
 
 class TrainConfig(Strict):
     epochs: int = Field(10, ge=1)
+    # Images per process and per forward pass: with torchrun, each of the N processes (GPUs)
+    # takes this many, so one optimizer step sees batch_size x N x accumulate images.
     batch_size: int = Field(16, ge=1)
     time_budget: float | None = Field(None, gt=0)  # minutes; stretches the schedule over it
     grad_clip: float | None = Field(10.0, gt=0)  # max gradient norm; null disables
@@ -204,6 +210,26 @@ class TrainConfig(Strict):
     log_every: int = Field(10, ge=1)
     out_dir: Path = Path("runs")
     name: str | None = None  # run folder name; default: config stem + time
+
+
+class DistConfig(Strict):
+    """Training with several processes (torchrun, DDP); ignored when a single process runs.
+
+    See README "Training on several GPUs or machines". train.batch_size is per process.
+    """
+
+    # auto: NCCL when CUDA GPUs are present (one per process), gloo on CPU.
+    backend: Literal["auto", "nccl", "gloo"] = "auto"
+    # Seconds the rendezvous and any collective may wait for the other processes: a process
+    # that died or stalls stops the run with an error naming the rank, not a hang. Keep it
+    # longer than the slowest step, validation included (rank 0 alone checkpoints meanwhile).
+    timeout_s: float = Field(1800.0, gt=0)
+    # BatchNorm statistics over the global batch (SyncBatchNorm): results no longer depend on
+    # how the batch is split, at the cost of two all-reduces per BatchNorm layer and step.
+    sync_bn: bool = False
+    # Linear scaling rule (Goyal et al. 2017): optim.lr and schedule.min_lr are multiplied by
+    # the number of processes, as the global batch grows with it. off: used as written.
+    scale_lr: bool = False
 
 
 class EvalConfig(Strict):
@@ -232,6 +258,7 @@ class Config(Strict):
     ema: EMAConfig = EMAConfig()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
+    dist: DistConfig = DistConfig()
 
 
 # --------------------------------------------------------------------------- loading

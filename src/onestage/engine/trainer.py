@@ -5,12 +5,21 @@ scaled backward -> unscale, clip -> optimizer step (skipped on non-finite gradie
 EMA update -> LR for the next step. Per epoch: validation mAP with the EMA weights, last and
 best checkpoints, metrics.csv. SIGTERM / Ctrl-C: the current step finishes, a resumable
 checkpoint is written, and the run exits with a message saying how to resume.
+
+Several processes (torchrun; ``engine/distributed.py``): the same loop on every rank, the
+model wrapped in DDP for the training forward only. Each rank takes its share of the same
+epoch permutation (``EpochSampler``) with ``train.batch_size`` images per step; the SSD loss
+divides by the positives of the global batch; loss values are averaged over ranks before
+the non-finite check, so all ranks skip the same steps; a SIGTERM or the time budget is
+agreed on once per step; validation is sharded and its metric broadcast. Rank 0 alone writes
+files and prints. A failed collective (a dead or stuck rank) raises ``TrainingError``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import csv
+import functools
 import math
 import os
 import random
@@ -26,9 +35,10 @@ from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
 import onestage
-from onestage.build import Detector, build_datasets, build_detector, default_device
+from onestage.build import Detector, build_datasets, build_detector
 from onestage.config import Config, dump_config, load_config
 from onestage.data.base import DetectionDataset, collate
+from onestage.engine import distributed as dist
 from onestage.engine.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from onestage.engine.ema import ModelEMA
 from onestage.engine.evaluate import evaluate
@@ -52,11 +62,27 @@ class EpochSampler(Sampler[int]):
 
     Deterministic and stateless, so a run resumed in the middle of an epoch sees exactly the
     samples the interrupted run would have seen next.
+
+    Under DDP (rank r of W processes) every rank draws the same permutation, cut to a multiple
+    of W, and takes its positions r, r + W, r + 2W, ... With a per-process batch B, step k of
+    rank r holds positions kWB + r + Wj (j < B), so the union over ranks of step k is the
+    positions [kWB, (k+1)WB): exactly the batch that one process with batch WB takes at step
+    k (the single-process image i of that batch is rank i mod W's image i // W). Every rank
+    gets the same number of samples, so no rank waits for a step the others never take.
+    ``start`` counts positions of the whole permutation (a multiple of W when resuming).
     """
 
-    def __init__(self, size: int, seed: int, shuffle: bool = True) -> None:
+    def __init__(self, size: int, seed: int, shuffle: bool = True, rank: int = 0, world_size: int = 1) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"EpochSampler: rank {rank} is not in [0, {world_size})")
         self.size, self.seed, self.shuffle = size, seed, shuffle
+        self.rank, self.world_size = rank, world_size
         self.epoch, self.start = 0, 0
+
+    @property
+    def shard_size(self) -> int:
+        """Samples each rank gets in a whole epoch (the dataset size in one process)."""
+        return self.size // self.world_size
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         self.epoch, self.start = epoch, start
@@ -67,10 +93,11 @@ class EpochSampler(Sampler[int]):
             order = torch.randperm(self.size, generator=g).tolist()
         else:
             order = list(range(self.size))
-        return iter(order[self.start :])
+        usable = self.shard_size * self.world_size
+        return iter(order[self.start + self.rank : usable : self.world_size])
 
     def __len__(self) -> int:
-        return self.size - self.start
+        return len(range(self.start + self.rank, self.shard_size * self.world_size, self.world_size))
 
 
 def seed_everything(seed: int) -> None:
@@ -82,17 +109,21 @@ def seed_everything(seed: int) -> None:
 class MetricsLog:
     """metrics.csv: one row per logged step and per epoch; columns grow as new keys appear.
 
-    Rewritten whole (atomically) on each flush, so the file is always a valid CSV.
+    Rewritten whole (atomically) on each flush, so the file is always a valid CSV. With
+    ``write=False`` (ranks other than 0) rows are kept (they go into checkpoints) but never written.
     """
 
-    def __init__(self, path: Path, rows: list[dict[str, Any]] | None = None) -> None:
+    def __init__(self, path: Path, rows: list[dict[str, Any]] | None = None, write: bool = True) -> None:
         self.path = path
         self.rows: list[dict[str, Any]] = rows or []
+        self.write = write
 
     def log(self, row: dict[str, Any]) -> None:
         self.rows.append(row)
 
     def flush(self) -> None:
+        if not self.write:
+            return
         columns: list[str] = []
         for row in self.rows:
             columns += [k for k in row if k not in columns]
@@ -123,10 +154,10 @@ def make_run_dir(cfg: Config, config_path: str | Path | None) -> Path:
     return run_dir
 
 
-def _loader(dataset: DetectionDataset, sampler: Sampler[int], cfg: Config) -> DataLoader:
+def _loader(dataset: DetectionDataset, sampler: EpochSampler, cfg: Config) -> DataLoader:
     return DataLoader(
         dataset, batch_size=cfg.train.batch_size, sampler=sampler, num_workers=cfg.data.num_workers,
-        collate_fn=collate, drop_last=len(dataset) >= cfg.train.batch_size,
+        collate_fn=collate, drop_last=sampler.shard_size >= cfg.train.batch_size,
         persistent_workers=False,  # new workers each epoch pick up dataset.epoch
     )
 
@@ -152,6 +183,7 @@ def _checkpoint_state(
         "nonfinite_total": state.nonfinite_total,
         "elapsed": elapsed,
         "history": state.history,
+        "world_size": dist.world_size(),  # a mid-epoch position means nothing for another count
     }
 
 
@@ -167,39 +199,83 @@ def train(
 
     ``max_steps`` stops early after that many optimizer steps in total (smoke tests and the
     resume test), leaving a resumable checkpoint. Returns a summary dict.
+
+    Under torch.distributed (``distributed.init_distributed`` called first, as ``onestage
+    train`` does under torchrun) every rank calls this with the same arguments; see the
+    module docstring. A failed collective raises ``TrainingError`` naming the rank.
     """
-    device = device or default_device()
-    seed_everything(cfg.seed)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(dump_config(cfg))
-    (run_dir / "version.txt").write_text(f"onestage {onestage.__version__}\ntorch {torch.__version__}\n")
+    with dist.collective_failures_as(TrainingError):
+        return _train(cfg, run_dir, resume, progress, max_steps, device)
+
+
+def _train(
+    cfg: Config,
+    run_dir: Path,
+    resume: bool,
+    progress: bool,
+    max_steps: int | None,
+    device: torch.device | None,
+) -> dict[str, Any]:
+    rank, world, main = dist.rank(), dist.world_size(), dist.is_main()
+    device = device or dist.device()
+    # Per-rank seeds (rank 0 uses cfg.seed, as a single process does); the weights still start
+    # equal everywhere, as DDP copies rank 0's to the others. Augmentation does not use these:
+    # each sample is seeded by (seed, epoch, index), whichever rank draws it.
+    seed_everything(cfg.seed + rank)
+    progress = progress and main
+    say = dist.main_only(tqdm.write)  # console messages: rank 0 only
+    warn = dist.main_only(functools.partial(print, file=sys.stderr))
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(dump_config(cfg))
+        (run_dir / "version.txt").write_text(f"onestage {onestage.__version__}\ntorch {torch.__version__}\n")
 
     train_ds, val_ds, train_spec, val_spec = build_datasets(cfg)
     for spec, split in ((train_spec, "train"), (val_spec, "val")):
         if len(spec.problems):
-            print(f"[data] {split}: {spec.problems.summary()}", file=sys.stderr)
+            warn(f"[data] {split}: {spec.problems.summary()}")
     train_ds.seed = cfg.seed
-    detector = build_detector(cfg, train_ds.class_names)
+    detector = build_detector(
+        cfg, train_ds.class_names, positives_normalizer=dist.positives_across_ranks if world > 1 else None
+    )
+    if cfg.dist.sync_bn and world > 1:
+        detector.model = dist.convert_sync_batchnorm(detector.model, device)
     model = detector.model.to(device)
     if cfg.precision.channels_last:
         model = model.to(memory_format=torch.channels_last)
     detector.criterion.to(device)
+    ddp_model = dist.wrap_ddp(model, device)  # the training forward only; `model` stays the bare one
 
-    sampler = EpochSampler(len(train_ds), cfg.seed)
+    sampler = EpochSampler(len(train_ds), cfg.seed, rank=rank, world_size=world)
     loader = _loader(train_ds, sampler, cfg)
     batches_per_epoch = len(loader)
     steps_per_epoch = max(1, batches_per_epoch // cfg.train.accumulate)
     total_steps = cfg.train.epochs * steps_per_epoch
     budget_s = cfg.train.time_budget * 60 if cfg.train.time_budget else None
 
+    # Linear scaling rule (Goyal et al. 2017, section 2.1) when asked: the global batch is
+    # `world` times the per-process one, so is the learning rate.
+    lr_factor = world if cfg.dist.scale_lr else 1
+    schedule_cfg = cfg.schedule
+    if lr_factor != 1:
+        schedule_cfg = cfg.schedule.model_copy(update={"min_lr": cfg.schedule.min_lr * lr_factor})
     optimizer = build_optimizer(model, cfg.optim)
-    scheduler = LRScheduler(optimizer, cfg.schedule, cfg.optim.lr, total_steps)
+    scheduler = LRScheduler(optimizer, schedule_cfg, cfg.optim.lr * lr_factor, total_steps)
     scaler = LossScaler(cfg.precision, device)
     ema = ModelEMA(model, cfg.ema.decay, cfg.ema.start_step, cfg.ema.update_every) if cfg.ema.enabled else None
     state = TrainState()
 
     if resume:
+        # Every rank loads the same file (the run folder must be shared, or copied to every machine).
         ckpt = load_checkpoint(run_dir / "last.pt", map_location=device)
+        saved_world = int(ckpt.get("world_size", 1))
+        if saved_world != world:
+            # Steps per epoch, the position inside the epoch and the planned schedule length all
+            # count global batches of the saved size: they mean something else with another count.
+            raise TrainingError(
+                f"{run_dir / 'last.pt'} was written by a run of {saved_world} process(es); resume it with "
+                f"{saved_world} (this run has {world}), or start a new run from its weights"
+            )
         model.load_state_dict(ckpt["model"])
         if ema is not None and ckpt["ema"] is not None:
             ema.load_state_dict(ckpt["ema"])
@@ -211,15 +287,18 @@ def train(
             best_value=ckpt["best_value"], nonfinite_total=ckpt["nonfinite_total"],
             elapsed=ckpt["elapsed"], history=list(ckpt["history"]),
         )
-        set_rng_state(ckpt["rng"])
-        print(f"[resume] {run_dir / 'last.pt'}: step {state.step}, epoch {state.epoch + 1}", file=sys.stderr)
+        set_rng_state(ckpt["rng"])  # rank 0's generators
+        if rank > 0:  # the other ranks draw their own streams again, reproducibly
+            seed_everything(int(np.random.SeedSequence([cfg.seed, rank, state.step]).generate_state(1)[0]))
+        warn(f"[resume] {run_dir / 'last.pt'}: step {state.step}, epoch {state.epoch + 1}")
 
-    metrics = MetricsLog(run_dir / "metrics.csv", list(state.history))
+    metrics = MetricsLog(run_dir / "metrics.csv", list(state.history), write=main)
     start_time = time.perf_counter() - state.elapsed
     step_times: list[float] = []
     final_eval_reserve = 0.0
     stop_reason = "finished"
 
+    @dist.main_only
     def save(name: str) -> None:
         state.history = metrics.rows
         save_checkpoint(
@@ -229,7 +308,10 @@ def train(
 
     def validate() -> dict[str, float]:
         ctx = ema.swap_into(model) if (ema is not None and cfg.ema.use_for_eval) else contextlib.nullcontext()
-        with raise_on_termination(), ctx:
+        # One process: a signal interrupts validation at once. Several: validation is a collective,
+        # so a signal only sets the flag, which the ranks agree on at the next step.
+        interruptible = raise_on_termination() if world == 1 else contextlib.nullcontext()
+        with interruptible, ctx:
             result, _ = evaluate(detector, val_ds, cfg, device, progress=progress)
         return result.metrics
 
@@ -240,12 +322,13 @@ def train(
             if budget_s is None and epoch >= cfg.train.epochs:
                 break
             train_ds.epoch = epoch
-            sampler.set_epoch(epoch, start=state.batch_in_epoch * cfg.train.batch_size)
+            sampler.set_epoch(epoch, start=state.batch_in_epoch * cfg.train.batch_size * world)
             bar = tqdm(
                 total=batches_per_epoch, initial=state.batch_in_epoch, disable=not progress, dynamic_ncols=True,
                 desc=f"epoch {epoch + 1}" + (f"/{cfg.train.epochs}" if budget_s is None else ""),
             )
             optimizer.zero_grad(set_to_none=True)
+            stop_now = False
             for batch in loader:
                 t0 = time.perf_counter()
                 lr = scheduler.step(state.step)
@@ -253,30 +336,35 @@ def train(
                 if cfg.precision.channels_last:
                     images = images.contiguous(memory_format=torch.channels_last)
                 boxes, labels = batch["boxes"].to(device), batch["labels"].to(device)
+                ends_cycle = (state.batch_in_epoch + 1) % cfg.train.accumulate == 0
 
-                with autocast_context(cfg.precision, device):
-                    outputs = model(images)
-                losses = detector.criterion(outputs, boxes, labels)  # fp32 where forced (inside)
-                total = losses["total"]
+                with dist.no_sync(ddp_model, skip_sync=not ends_cycle):
+                    with autocast_context(cfg.precision, device):
+                        outputs = ddp_model(images)
+                    losses = detector.criterion(outputs, boxes, labels)  # fp32 where forced (inside)
+                    total = losses["total"]
+                    # Averaged over ranks (the global batch's loss), and the same verdict on every rank.
+                    loss_values = {f"loss_{k}": v for k, v in dist.mean_over_ranks(
+                        {k: v for k, v in losses.items() if k != "num_pos"}).items()}
 
-                if not torch.isfinite(total):
-                    state.nonfinite_in_row += 1
-                    state.nonfinite_total += 1
-                    optimizer.zero_grad(set_to_none=True)
-                    tqdm.write(f"[warn] step {state.step}: non-finite loss ({total.item()}), step skipped")
-                    if state.nonfinite_in_row >= cfg.train.max_nonfinite_steps:
-                        raise TrainingError(
-                            f"{state.nonfinite_in_row} non-finite losses in a row (train.max_nonfinite_steps); "
-                            "lower optim.lr, check the data with `onestage data check`, or disable precision.amp"
-                        )
-                    state.batch_in_epoch += 1
-                    bar.update(1)
-                    continue
-                state.nonfinite_in_row = 0
+                    if not math.isfinite(loss_values["loss_total"]):
+                        state.nonfinite_in_row += 1
+                        state.nonfinite_total += 1
+                        optimizer.zero_grad(set_to_none=True)
+                        say(f"[warn] step {state.step}: non-finite loss ({loss_values['loss_total']}), step skipped")
+                        if state.nonfinite_in_row >= cfg.train.max_nonfinite_steps:
+                            raise TrainingError(
+                                f"{state.nonfinite_in_row} non-finite losses in a row (train.max_nonfinite_steps); "
+                                "lower optim.lr, check the data with `onestage data check`, or disable precision.amp"
+                            )
+                        state.batch_in_epoch += 1
+                        bar.update(1)
+                        continue
+                    state.nonfinite_in_row = 0
 
-                scaler.scale(total / cfg.train.accumulate).backward()
+                    scaler.scale(total / cfg.train.accumulate).backward()
                 state.batch_in_epoch += 1
-                if state.batch_in_epoch % cfg.train.accumulate != 0:
+                if not ends_cycle:
                     bar.update(1)
                     continue
                 scaler.unscale_(optimizer)
@@ -284,6 +372,7 @@ def train(
                 applied = scaler.step(optimizer)
                 scaler.update()
                 optimizer.zero_grad(set_to_none=True)
+                dist.broadcast_buffers(model)  # BatchNorm statistics: rank 0's everywhere (EMA, eval, checkpoint)
                 if ema is not None and applied:
                     ema.update(model, state.step)
                 state.step += 1
@@ -291,14 +380,21 @@ def train(
                 dt = time.perf_counter() - t0
                 step_times.append(dt)
                 elapsed = time.perf_counter() - start_time
+                planned_steps = 0
                 if budget_s is not None:
                     # Stretch the schedule over the budget: steps left at the recent pace.
                     pace = float(np.mean(step_times[-20:]))
                     remaining = max(0.0, budget_s - elapsed - final_eval_reserve)
-                    scheduler.set_total_steps(max(state.step + 1, state.step + int(remaining / pace)))
-                loss_values = {f"loss_{k}": float(v.detach()) for k, v in losses.items() if k != "num_pos"}
+                    planned_steps = max(state.step + 1, state.step + int(remaining / pace))
+                out_of_time = budget_s is not None and elapsed >= budget_s - final_eval_reserve
+                # A signal seen by any rank stops all; rank 0's clock rules the budget and the schedule.
+                stop_now, (out_of_time_f, planned_f) = dist.agree(termination_requested(), [out_of_time, planned_steps])
+                out_of_time = out_of_time_f > 0
+                if budget_s is not None:
+                    scheduler.set_total_steps(int(planned_f))
+                images_per_s = images.shape[0] * world / dt
                 bar.set_postfix(
-                    {k[5:]: f"{v:.3f}" for k, v in loss_values.items()} | {"lr": f"{lr:.2e}", "img/s": f"{images.shape[0] / dt:.1f}"},
+                    {k[5:]: f"{v:.3f}" for k, v in loss_values.items()} | {"lr": f"{lr:.2e}", "img/s": f"{images_per_s:.1f}"},
                     refresh=False,
                 )
                 bar.update(1)
@@ -306,28 +402,29 @@ def train(
                     metrics.log(
                         {"kind": "step", "step": state.step, "epoch": epoch + 1, **loss_values, "lr": lr,
                          "grad_norm": grad_norm, "skipped_steps": scaler.skipped_steps,
-                         "nonfinite_steps": state.nonfinite_total, "images_per_s": images.shape[0] / dt,
+                         "nonfinite_steps": state.nonfinite_total, "images_per_s": images_per_s,
                          "time_s": elapsed}
                     )
                     metrics.flush()  # a small file: rewriting it keeps it readable at any moment
-                out_of_time = budget_s is not None and elapsed >= budget_s - final_eval_reserve
-                if termination_requested() or (max_steps is not None and state.step >= max_steps) or out_of_time:
+                if stop_now or (max_steps is not None and state.step >= max_steps) or out_of_time:
                     break
             bar.close()
 
             epoch_done = state.batch_in_epoch >= batches_per_epoch
-            if termination_requested():
+            now_out_of_time = budget_s is not None and time.perf_counter() - start_time >= budget_s - final_eval_reserve
+            terminate, (out_of_time_f,) = dist.agree(stop_now or termination_requested(), [now_out_of_time])
+            if terminate:
                 save("last.pt")
                 metrics.flush()
                 stop_reason = "terminated"
-                print(f"\n[stopped] checkpoint written; resume with: onestage train --resume {run_dir}", file=sys.stderr)
+                warn(f"\n[stopped] checkpoint written; resume with: onestage train --resume {run_dir}")
                 break
             if max_steps is not None and state.step >= max_steps and not epoch_done:
                 save("last.pt")
                 metrics.flush()
                 stop_reason = "max_steps"
                 break
-            out_of_time = budget_s is not None and time.perf_counter() - start_time >= budget_s - final_eval_reserve
+            out_of_time = out_of_time_f > 0
             last_epoch = (budget_s is None and epoch + 1 >= cfg.train.epochs) or out_of_time
             if (epoch + 1) % cfg.train.eval_every == 0 or last_epoch:
                 t_eval = time.perf_counter()
@@ -338,7 +435,7 @@ def train(
                     save("last.pt")
                     metrics.flush()
                     stop_reason = "terminated"
-                    print(f"\n[stopped] during validation; resume with: onestage train --resume {run_dir}", file=sys.stderr)
+                    warn(f"\n[stopped] during validation; resume with: onestage train --resume {run_dir}")
                     break
                 final_eval_reserve = time.perf_counter() - t_eval
                 metrics.log({"kind": "epoch", "step": state.step, "epoch": epoch + 1, **values,
@@ -346,9 +443,9 @@ def train(
                 key = cfg.train.best_metric
                 if key not in values:
                     raise TrainingError(f"train.best_metric: {key!r} is not computed; available: {sorted(values)}")
-                tqdm.write(f"epoch {epoch + 1}: " + ", ".join(f"{k}={v:.4f}" for k, v in values.items() if k.startswith(("voc", "coco"))))
+                say(f"epoch {epoch + 1}: " + ", ".join(f"{k}={v:.4f}" for k, v in values.items() if k.startswith(("voc", "coco"))))
                 state.epoch, state.batch_in_epoch = epoch + 1, 0
-                if values[key] > state.best_value:
+                if values[key] > state.best_value:  # the same metric on every rank (broadcast)
                     state.best_value = values[key]
                     save("best.pt")
             else:
@@ -370,7 +467,8 @@ def train(
         "skipped_steps": scaler.skipped_steps,
         "nonfinite_steps": state.nonfinite_total,
         "seconds": time.perf_counter() - start_time,
-        "images_seen": state.step * cfg.train.batch_size * cfg.train.accumulate,
+        "images_seen": state.step * cfg.train.batch_size * cfg.train.accumulate * world,
+        "world_size": world,
     }
 
 

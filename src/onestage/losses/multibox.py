@@ -43,6 +43,14 @@ class MultiboxLoss(nn.Module):
     -> {"loc", "cls", "total"} scalars, plus "num_pos" (not differentiable, for logging).
     ``force_fp32(op_name)`` is the precision predicate (``should_force_fp32`` bound to the
     run's precision config); without one, everything runs in fp32.
+
+    ``positives_normalizer``: under DDP (``normalize="batch"`` only), maps this process's
+    positive count (a float scalar) to the N its sums are divided by, so that the loss and its
+    gradients do not depend on how the global batch is split over processes
+    (``distributed.positives_across_ranks``: the global count / the number of processes,
+    because DDP averages gradients). None: the local count, clamped to >= 1 (one process).
+    ``normalize="image"`` needs nothing: a mean over images is already split-invariant when
+    every process has the same batch size.
     """
 
     def __init__(
@@ -51,12 +59,14 @@ class MultiboxLoss(nn.Module):
         matcher: MatcherConfig | None = None,
         loss: LossConfig | None = None,
         force_fp32: Callable[[str], bool] | None = None,
+        positives_normalizer: Callable[[Tensor], Tensor] | None = None,
     ) -> None:
         super().__init__()
         self.register_buffer("priors", priors, persistent=False)  # (P, 4) cxcywh normalized
         self.matcher = matcher or MatcherConfig()
         self.cfg = loss or LossConfig()
         self.force_fp32 = force_fp32 or (lambda op: True)
+        self.positives_normalizer = positives_normalizer
 
     def assign(self, gt_boxes: Tensor, gt_labels: Tensor) -> Tensor:
         """(B, P) matched ground-truth index, BACKGROUND or IGNORE."""
@@ -86,7 +96,10 @@ class MultiboxLoss(nn.Module):
         cls_per_image = (ce * (pos | hard_neg)).sum(dim=1)  # (B,)
 
         if self.cfg.normalize == "batch":
-            n = num_pos.sum().clamp(min=1).to(ce.dtype)
+            if self.positives_normalizer is None:
+                n = num_pos.sum().clamp(min=1).to(ce.dtype)
+            else:
+                n = self.positives_normalizer(num_pos.sum().to(ce.dtype))
             loc_loss, cls_loss = loc_per_image.sum() / n, cls_per_image.sum() / n
         else:
             n = num_pos.clamp(min=1).to(ce.dtype)

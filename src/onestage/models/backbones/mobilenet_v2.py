@@ -34,6 +34,7 @@ LAST_CHANNELS = 1280
 # Indices into ``features`` whose outputs are returned, and their strides.
 OUTPUT_INDICES: tuple[int, ...] = (6, 13, 18)
 OUTPUT_STRIDES: tuple[int, ...] = (8, 16, 32)
+EXPANSION_TAPS: tuple[int, ...] = (7, 14)  # blocks whose 1x1 expansion output is tapped (stride 8, 16)
 
 
 def make_divisible(value: float, divisor: int = 8, min_value: int | None = None) -> int:
@@ -88,11 +89,19 @@ class MobileNetV2Backbone(Backbone):
     width multiplier to the last convolutional layer" for multipliers below one).
     """
 
-    def __init__(self, width_mult: float = 1.0) -> None:
+    def __init__(self, width_mult: float = 1.0, taps: str = "blocks") -> None:
         super().__init__()
         if width_mult <= 0:
             raise ValueError(f"width_mult must be > 0, got {width_mult}")
+        if taps not in ("blocks", "expansion"):
+            raise ValueError(f"taps must be 'blocks' or 'expansion', got {taps!r}")
         self.width_mult = width_mult
+        # "expansion": the stride-8 and stride-16 maps are the 1x1 expansion outputs of the
+        # first blocks at stride 16 and 32 (features[7] and features[14]) instead of the
+        # thin block outputs: as SSDLite attaches its first layer "to the expansion of layer
+        # 15" (MobileNetV2 paper, section 6.2). 6x the channels at the same resolution, no
+        # extra compute; at width 0.5 the stride-8 map has 96 channels instead of 16.
+        self.taps = taps
         input_channel = make_divisible(STEM_CHANNELS * width_mult)
         last_channel = make_divisible(LAST_CHANNELS * max(1.0, width_mult))
         layers: list[nn.Module] = [conv_bn_act(3, input_channel, 3, stride=2, padding=1)]
@@ -103,7 +112,10 @@ class MobileNetV2Backbone(Backbone):
                 input_channel = output_channel
         layers.append(conv_bn_act(input_channel, last_channel, 1))
         self.features = nn.Sequential(*layers)
-        self.out_channels = [self._channels_after(i) for i in OUTPUT_INDICES]
+        if taps == "blocks":
+            self.out_channels = [self._channels_after(i) for i in OUTPUT_INDICES]
+        else:
+            self.out_channels = [self._expansion_channels(i) for i in EXPANSION_TAPS] + [self._channels_after(OUTPUT_INDICES[-1])]
         self.strides = list(OUTPUT_STRIDES)
         self._init_weights()
 
@@ -112,6 +124,9 @@ class MobileNetV2Backbone(Backbone):
         if isinstance(block, InvertedResidual):
             return block.out_channels
         return block[0].out_channels  # conv_bn_act: the conv is first
+
+    def _expansion_channels(self, index: int) -> int:
+        return self.features[index].conv[0][0].out_channels
 
     def _init_weights(self) -> None:
         # As torchvision's MobileNetV2: He init (fan_out) for convs, BN as identity.
@@ -128,7 +143,12 @@ class MobileNetV2Backbone(Backbone):
         """(B, 3, H, W) -> [(B, C8, H/8, W/8), (B, C16, H/16, W/16), (B, C32, H/32, W/32)] (ceil)."""
         outputs: list[Tensor] = []
         for index, layer in enumerate(self.features):
+            if self.taps == "expansion" and index in EXPANSION_TAPS:
+                expanded = layer.conv[0](x)  # the stride-2 block: no residual connection
+                outputs.append(expanded)
+                x = layer.conv[1:](expanded)
+                continue
             x = layer(x)
-            if index in OUTPUT_INDICES:
+            if index == OUTPUT_INDICES[-1] or (self.taps == "blocks" and index in OUTPUT_INDICES):
                 outputs.append(x)
         return outputs
