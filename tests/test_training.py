@@ -211,7 +211,7 @@ def test_raccoon_voc_one_epoch(tmp_path):
 def test_eval_results_file_round_trip(tmp_path, capsys):
     """`eval --save-results` then `eval --results` scores the same detections to the same numbers."""
     args = [str(ROOT / "configs" / "demo_shapes.yaml"), *TINY, f"train.out_dir={tmp_path}", "train.name=res",
-            "eval.metrics=[voc,coco]"]
+            "eval.metrics=[voc,coco]", "eval.score_threshold=0.0"]
     assert cli_main(["train", *args, "--no-progress", "--max-steps", "2"]) == 0
     capsys.readouterr()
     results = tmp_path / "dets.json"

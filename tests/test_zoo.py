@@ -44,7 +44,11 @@ def test_every_head_on_every_backbone_trains_a_step(arch, backbone):
     assert torch.isfinite(losses["total"]) and losses["total"] > 0
     losses["total"].backward()
     grads = [p.grad for p in model.parameters() if p.requires_grad]
-    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert all(torch.isfinite(g).all() for g in grads if g is not None)
+    # A head reads only some backbone maps (YOLOv1: the last one), so a few backbone
+    # parameters (e.g. VGG's L2Norm on conv4_3) may get no gradient; the head always does.
+    assert all(p.grad is not None for p in model.head.parameters())
+    assert sum(g is not None for g in grads) >= 0.9 * len(grads)
     before = [p.detach().clone() for p in model.parameters()]
     optimizer.step()
     assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
