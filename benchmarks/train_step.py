@@ -87,7 +87,7 @@ def main() -> None:
     step_rate = bs / t_bf16
     for workers in (0, 1, 2):
         rate = loader_rate(train_ds, bs, workers, batches=4)
-        print(f"data loader, {workers} workers (SSD augmentation)   {rate:7.1f} img/s = {rate / step_rate:.1f}x the bf16 step's img/s")
+        print(f"data loader, {workers} workers ({cfg.data.augment.preset} augmentation)  {rate:7.1f} img/s = {rate / step_rate:.1f}x the bf16 step's img/s")
 
 
 if __name__ == "__main__":
