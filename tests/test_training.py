@@ -223,3 +223,13 @@ def test_eval_results_file_round_trip(tmp_path, capsys):
     scored = json.loads(capsys.readouterr().out)
     for key in ("coco_ap", "coco_ap50", "coco_ar100"):
         assert scored[key] == pytest.approx(direct[key], abs=1e-6), key
+
+
+def test_tensorboard_events_when_installed(tmp_path):
+    pytest.importorskip("tensorboard")
+    from onestage.engine.trainer import MetricsLog
+
+    log = MetricsLog(tmp_path / "metrics.csv")
+    log.log({"kind": "step", "step": 1, "epoch": 1, "loss_total": 2.5, "lr": 0.01})
+    log.log({"kind": "epoch", "step": 1, "epoch": 1, "voc_ap50": 0.5})
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))

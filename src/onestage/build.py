@@ -114,7 +114,10 @@ def build_datasets(cfg: Config) -> tuple[DetectionDataset, DetectionDataset, Dat
             f"data: the val split's classes {val_spec.class_names} differ from the train split's "
             f"{train_spec.class_names}; set data.class_names to fix the order"
         )
-    train_ds = DetectionDataset(train_spec.records, train_spec.class_names, build_transform(cfg, train=True))
+    train_ds = DetectionDataset(
+        train_spec.records, train_spec.class_names, build_transform(cfg, train=True),
+        cache_max_side=2 * cfg.model.input_size if cfg.data.cache_images else None,
+    )
     val_ds = DetectionDataset(val_spec.records, train_spec.class_names, build_transform(cfg, train=False))
     return train_ds, val_ds, train_spec, val_spec
 

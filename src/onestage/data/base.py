@@ -73,6 +73,11 @@ class DetectionDataset(torch.utils.data.Dataset):
     # the same whatever the number of workers, and after a resume in the middle of an epoch.
     seed: int | None = None
     epoch: int = 0
+    # Keep every decoded image in memory, shrunk so that its longer side is at most this
+    # many pixels (boxes scaled to match): large photographs are decoded once, not every
+    # epoch. None: read from disk each time.
+    cache_max_side: int | None = None
+    _cache: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         if self.image_loader is None:
@@ -83,20 +88,42 @@ class DetectionDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
+    def _image(self, index: int, rec: ImageRecord) -> tuple[np.ndarray, float]:
+        """(H, W, 3) uint8 RGB and the factor from record pixels to its pixels."""
+        if self.cache_max_side is None:
+            return self.image_loader(rec), 1.0
+        if index not in self._cache:
+            self._cache[index] = _shrink(self.image_loader(rec), self.cache_max_side)
+        return self._cache[index]
+
     def __getitem__(self, index: int) -> dict:
         rec = self.records[index]
         if self.seed is not None:
             seed_sample(self.seed, self.epoch, index)
-        image = self.image_loader(rec)
+        image, scale = self._image(index, rec)
         # Training and evaluation never see `difficult` boxes' labels differently: they are
         # ignored by the evaluator only, so the model still learns from them.
-        image_t, boxes, labels = self.transform(image, rec.boxes.copy(), rec.labels.copy())
+        image_t, boxes, labels = self.transform(image, rec.boxes * scale, rec.labels.copy())
         return {
             "image": image_t,
             "boxes": torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4),
             "labels": torch.as_tensor(labels, dtype=torch.int64).reshape(-1),
             "index": index,
         }
+
+
+def _shrink(image: np.ndarray, max_side: int) -> tuple[np.ndarray, float]:
+    """Resize so that the longer side is at most ``max_side``; returns (image, scale)."""
+    import cv2
+
+    h, w = image.shape[:2]
+    scale = min(1.0, max_side / max(h, w))
+    if scale == 1.0:
+        return image, 1.0
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    small = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+    # the boxes follow the pixel grid actually produced (rounded sizes)
+    return small, size[0] / w
 
 
 def seed_sample(seed: int, epoch: int, index: int) -> None:

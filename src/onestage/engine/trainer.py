@@ -117,9 +117,16 @@ class MetricsLog:
         self.path = path
         self.rows: list[dict[str, Any]] = rows or []
         self.write = write
+        self.tensorboard = _tensorboard_writer(path.parent / "tensorboard") if write else None
 
     def log(self, row: dict[str, Any]) -> None:
         self.rows.append(row)
+        if self.tensorboard is not None:
+            prefix = "train" if row.get("kind") == "step" else "val"
+            for key, value in row.items():
+                if key not in ("kind", "step", "epoch") and isinstance(value, (int, float)):
+                    self.tensorboard.add_scalar(f"{prefix}/{key}", value, global_step=int(row["step"]))
+            self.tensorboard.flush()
 
     def flush(self) -> None:
         if not self.write:
@@ -133,6 +140,15 @@ class MetricsLog:
             writer.writeheader()
             writer.writerows(self.rows)
         os.replace(tmp, self.path)
+
+
+def _tensorboard_writer(log_dir: Path):
+    """TensorBoard events next to metrics.csv when the tensorboard package is installed."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is optional: metrics.csv and the PNG plots always exist
+        return None
+    return SummaryWriter(str(log_dir))
 
 
 @dataclass
@@ -159,7 +175,17 @@ def _loader(dataset: DetectionDataset, sampler: EpochSampler, cfg: Config) -> Da
         dataset, batch_size=cfg.train.batch_size, sampler=sampler, num_workers=cfg.data.num_workers,
         collate_fn=collate, drop_last=sampler.shard_size >= cfg.train.batch_size,
         persistent_workers=False,  # new workers each epoch pick up dataset.epoch
+        worker_init_fn=_worker_init if cfg.data.num_workers > 0 else None,
     )
+
+
+def _worker_init(worker_id: int) -> None:
+    """Data-loader workers: one OpenCV thread each, so that they do not fight the training
+    threads for the cores. (Randomness needs nothing here: every sample is seeded by
+    (seed, epoch, index) in ``DetectionDataset``, whichever worker draws it.)"""
+    import cv2
+
+    cv2.setNumThreads(1)
 
 
 def _checkpoint_state(
