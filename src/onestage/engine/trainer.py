@@ -278,6 +278,10 @@ def _train(
     steps_per_epoch = max(1, batches_per_epoch // cfg.train.accumulate)
     total_steps = cfg.train.epochs * steps_per_epoch
     budget_s = cfg.train.time_budget * 60 if cfg.train.time_budget else None
+    if budget_s is not None:
+        # A placeholder until the first steps measure the pace (the schedule is re-planned
+        # every step); long enough that the warmup is not mistaken for the whole run.
+        total_steps = max(total_steps, 10 * cfg.schedule.warmup_steps + 1)
 
     # Linear scaling rule (Goyal et al. 2017, section 2.1) when asked: the global batch is
     # `world` times the per-process one, so is the learning rate.
@@ -355,6 +359,7 @@ def _train(
             )
             optimizer.zero_grad(set_to_none=True)
             stop_now = False
+            last_step_end: float | None = None  # the data loading between steps counts toward the pace
             for batch in loader:
                 t0 = time.perf_counter()
                 lr = scheduler.step(state.step)
@@ -403,13 +408,16 @@ def _train(
                     ema.update(model, state.step)
                 state.step += 1
 
-                dt = time.perf_counter() - t0
-                step_times.append(dt)
+                now = time.perf_counter()
+                dt = now - t0
+                step_times.append(now - (last_step_end if last_step_end is not None else t0))
+                last_step_end = now
                 elapsed = time.perf_counter() - start_time
                 planned_steps = 0
                 if budget_s is not None:
                     # Stretch the schedule over the budget: steps left at the recent pace.
-                    pace = float(np.mean(step_times[-20:]))
+                    # The median: one slow step (an epoch's first batch) must not bend the schedule.
+                    pace = float(np.median(step_times[-50:]))
                     remaining = max(0.0, budget_s - elapsed - final_eval_reserve)
                     planned_steps = max(state.step + 1, state.step + int(remaining / pace))
                 out_of_time = budget_s is not None and elapsed >= budget_s - final_eval_reserve
