@@ -153,6 +153,16 @@ def test_cli_bad_config_names_key(tmp_path, capsys):
     assert "train.batch_size" in capsys.readouterr().err
 
 
+def test_cli_errors_name_the_file(tmp_path, capsys):
+    ckpt = tmp_path / "nothing.pt"
+    ckpt.write_bytes(b"not a checkpoint")
+    cfg = str(ROOT / "configs" / "demo_shapes.yaml")
+    assert cli_main(["predict", cfg, str(ckpt), str(tmp_path / "missing.png"), "--out", str(tmp_path / "o")]) == 2
+    assert "nothing.pt" in capsys.readouterr().err
+    assert cli_main(["train", str(tmp_path / "absent.yaml")]) == 2
+    assert "absent.yaml: no such config file" in capsys.readouterr().err
+
+
 def test_cli_train_eval_predict(tmp_path, capsys):
     args = [str(ROOT / "configs" / "demo_shapes.yaml"), *TINY, f"train.out_dir={tmp_path}", "train.name=cli"]
     assert cli_main(["train", *args, "--no-progress"]) == 0

@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from onestage.config import Config, DatasetConfig
+from onestage.config import Config, ConfigError, DatasetConfig
 from onestage.data.base import DetectionDataset, ImageRecord, Transform
 from onestage.data.problems import DatasetSpec, DataError
 from onestage.engine.precision import should_force_fp32
@@ -136,7 +136,7 @@ def _ssd_backbone_and_extras(cfg: Config, num_maps: int):
     backbone = _backbone(cfg)
     num_extras = num_maps - len(backbone.out_channels)
     if num_extras < 0:
-        raise ValueError(
+        raise ConfigError(
             f"model.priors.aspect_ratios: {num_maps} maps, but the {cfg.model.backbone} backbone alone gives "
             f"{len(backbone.out_channels)}"
         )
@@ -146,7 +146,7 @@ def _ssd_backbone_and_extras(cfg: Config, num_maps: int):
         defaults = {"mobilenet_v2": [512, 256, 256], "vgg16": [512, 256, 256, 256]}
         channels = (defaults.get(cfg.model.backbone, []) + [256] * num_extras)[:num_extras]
     if len(channels) != num_extras:
-        raise ValueError(
+        raise ConfigError(
             f"model.extra_channels: {len(channels)} values, but {num_maps} maps with {len(backbone.out_channels)} "
             f"from the backbone need {num_extras} extra layers"
         )
@@ -195,7 +195,10 @@ def build_ssd(
     lite = cfg.model.arch == "ssdlite"
     head = SSDHead(backbone.out_channels + extras.out_channels, anchors, len(class_names) + 1, depthwise=lite)
     model = SSD(backbone, extras, head)
-    sizes = model.feature_map_sizes(cfg.model.input_size)
+    try:
+        sizes = model.feature_map_sizes(cfg.model.input_size)
+    except ValueError as exc:  # a map shrank to nothing: the input is too small for these layers
+        raise ConfigError(f"model.input_size: {exc}") from None
     layout = make_layout(
         sizes, cfg.model.input_size, pc.aspect_ratios, s_min=pc.s_min, s_max=pc.s_max,
         min_sizes=pc.min_sizes or None, max_sizes=pc.max_sizes or None, steps=pc.steps or None, clip=pc.clip,
@@ -262,7 +265,7 @@ def build_yolov3(cfg: Config, class_names: list[str]) -> Detector:
     backbone = _backbone(cfg)
     sizes = cfg.model.anchors.sizes  # pixels at input_size, coarsest scale first
     if len(sizes) != len(backbone.out_channels):
-        raise ValueError(
+        raise ConfigError(
             f"model.anchors.sizes: {len(sizes)} scales, but the {cfg.model.backbone} backbone gives "
             f"{len(backbone.out_channels)} maps"
         )

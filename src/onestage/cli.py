@@ -76,6 +76,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from onestage.data.problems import DataError
+    from onestage.engine.checkpoint import CheckpointError
+    from onestage.models.backbones.base import BackboneWeightsError
+
     parser = _parser()
     # Overrides may come after options too (`inspect CFG --json a.b=1`): collect the stray ones.
     args, extra = parser.parse_known_args(argv)
@@ -102,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except ValueError as exc:  # DataError, CheckpointError-like and schema errors carry their file
+    except (DataError, CheckpointError, BackboneWeightsError) as exc:  # each names its file and the problem
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 1
@@ -305,6 +309,8 @@ def _draw_dataset_predictions(cfg: Config, detector, dataset, dets, out_dir: Pat
 
 
 def _collect_images(inputs: list[Path]) -> list[Path]:
+    from onestage.data.problems import DataError
+
     files: list[Path] = []
     for path in inputs:
         if path.is_dir():
@@ -312,9 +318,9 @@ def _collect_images(inputs: list[Path]) -> list[Path]:
         elif path.is_file():
             files.append(path)
         else:
-            raise ValueError(f"{path}: no such image or folder")
+            raise DataError(f"{path}: no such image or folder")
     if not files:
-        raise ValueError(f"no images found in {', '.join(map(str, inputs))}")
+        raise DataError(f"no images found in {', '.join(map(str, inputs))}")
     return files
 
 
