@@ -121,3 +121,17 @@ def load_torchvision_weights(backbone: Backbone, state_dict_or_path: StateDictSo
 def _preview(items: list[str], limit: int = 20) -> str:
     shown = ", ".join(items[:limit])
     return shown + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
+
+
+def init_conv_bn(module: nn.Module, *, mode: str = "fan_out", leaky_slope: float = 0.0) -> None:
+    """He initialization for every conv of ``module`` (He et al. 2015, eq. 15: gain for a
+    ReLU, or a leaky ReLU of slope ``leaky_slope``), zero conv biases, BatchNorm as identity.
+    ``mode="fan_out"`` as torchvision's MobileNetV2/VGG/ResNet, ``"fan_in"`` as Darknet ports."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, a=leaky_slope, mode=mode, nonlinearity="leaky_relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
-from onestage.models.backbones.base import Backbone, BackboneWeightsError, StateDictSource
+from onestage.models.backbones.base import Backbone, BackboneWeightsError, StateDictSource, init_conv_bn
 from onestage.models.layers import ActFactory, conv_bn_act
 
 STEM_CHANNELS = 32
@@ -101,16 +101,7 @@ class Darknet53Backbone(Backbone):
         self.features = nn.Sequential(*layers)
         self.out_channels = [channels[i] for i in OUTPUT_INDICES]
         self.strides = [2**i for i in OUTPUT_INDICES]  # stage k halves the resolution k times
-        self._init_weights()
-
-    def _init_weights(self) -> None:
-        # He init for a leaky ReLU of slope 0.1 (He et al. 2015, eq. 15); BatchNorm as identity.
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, a=LEAKY_SLOPE, mode="fan_in", nonlinearity="leaky_relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_conv_bn(self, mode="fan_in", leaky_slope=LEAKY_SLOPE)
 
     def forward(self, x: Tensor) -> list[Tensor]:
         """(B, 3, H, W) -> the stride 8, 16, 32 maps, finest first."""

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from onestage.models.backbones.base import Backbone
+from onestage.models.backbones.base import Backbone, init_conv_bn
 from onestage.models.layers import conv_bn_act
 
 # (t expansion, c output channels, n repeats, s stride of the first repeat): paper, Table 2.
@@ -117,7 +117,7 @@ class MobileNetV2Backbone(Backbone):
         else:
             self.out_channels = [self._expansion_channels(i) for i in EXPANSION_TAPS] + [self._channels_after(OUTPUT_INDICES[-1])]
         self.strides = list(OUTPUT_STRIDES)
-        self._init_weights()
+        init_conv_bn(self)  # as torchvision's MobileNetV2: He (fan_out), BatchNorm as identity
 
     def _channels_after(self, index: int) -> int:
         block = self.features[index]
@@ -127,17 +127,6 @@ class MobileNetV2Backbone(Backbone):
 
     def _expansion_channels(self, index: int) -> int:
         return self.features[index].conv[0][0].out_channels
-
-    def _init_weights(self) -> None:
-        # As torchvision's MobileNetV2: He init (fan_out) for convs, BN as identity.
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out")
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
 
     def forward(self, x: Tensor) -> list[Tensor]:
         """(B, 3, H, W) -> [(B, C8, H/8, W/8), (B, C16, H/16, W/16), (B, C32, H/32, W/32)] (ceil)."""

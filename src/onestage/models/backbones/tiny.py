@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
-from onestage.models.backbones.base import Backbone, BackboneWeightsError, StateDictSource
+from onestage.models.backbones.base import Backbone, BackboneWeightsError, StateDictSource, init_conv_bn
 from onestage.models.layers import ActFactory, conv_bn_act
 
 
@@ -54,7 +54,7 @@ class TinyBackbone(Backbone):
         self.first_output = len(channels) - num_outputs
         self.out_channels = [int(c) for c in channels[self.first_output :]]
         self.strides = [2 ** (k + 1) for k in range(self.first_output, len(channels))]
-        _init_weights(self)
+        init_conv_bn(self)  # He (fan_out, ReLU) as torchvision's ResNet/VGG
 
     def forward(self, x: Tensor) -> list[Tensor]:
         outputs: list[Tensor] = []
@@ -67,13 +67,3 @@ class TinyBackbone(Backbone):
     def load_torchvision_weights(self, source: StateDictSource) -> None:
         """There is no torchvision counterpart: the tiny backbone always trains from scratch."""
         raise BackboneWeightsError("TinyBackbone has no torchvision counterpart; train it from scratch (no backbone weights)")
-
-
-def _init_weights(module: nn.Module) -> None:
-    # He init (fan_out, ReLU) as torchvision's ResNet/VGG; BatchNorm starts as identity.
-    for m in module.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-        elif isinstance(m, nn.BatchNorm2d):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)

@@ -24,6 +24,7 @@ from onestage.models.backbones.base import (
     Backbone,
     BackboneWeightsError,
     StateDictSource,
+    init_conv_bn,
     load_prefixed_strict,
     read_state_dict,
 )
@@ -78,14 +79,7 @@ class VGG16Backbone(Backbone):
         self.fc7 = nn.Sequential(nn.Conv2d(FC_CHANNELS, FC_CHANNELS, kernel_size=1), nn.ReLU(inplace=True))
         self.out_channels = [512, FC_CHANNELS]
         self.strides = [8, 16]
-        self._init_weights()
-
-    def _init_weights(self) -> None:
-        # As torchvision's VGG: He init (fan_out, ReLU) and zero bias for every conv.
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-                nn.init.zeros_(m.bias)
+        init_conv_bn(self)  # as torchvision's VGG: He (fan_out, ReLU), zero biases
 
     def forward(self, x: Tensor) -> list[Tensor]:
         """(B, 3, H, W) -> [(B, 512, H8, W8) conv4_3 normalized, (B, 1024, H16, W16) fc7]."""

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from onestage.models.backbones.base import Backbone, BackboneWeightsError, StateDictSource
+from onestage.models.backbones.base import Backbone, BackboneWeightsError, StateDictSource, init_conv_bn
 from onestage.models.layers import conv_bn_act
 
 LEAKY_SLOPE = 0.1  # YOLOv1 section 2.2
@@ -77,18 +77,7 @@ class YOLOv1PaperBackbone(Backbone):
         self.features = nn.Sequential(*layers)
         self.out_channels = [YOLOV1_OUT_CHANNELS]
         self.strides = [YOLOV1_STRIDE]
-        self._init_weights()
-
-    def _init_weights(self) -> None:
-        # He init for leaky ReLU (a = 0.1), zero bias; BatchNorm starts as identity.
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, a=LEAKY_SLOPE, mode="fan_out", nonlinearity="leaky_relu")
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_conv_bn(self, leaky_slope=LEAKY_SLOPE)
 
     def forward(self, x: Tensor) -> list[Tensor]:
         return [self.features(x)]
