@@ -95,3 +95,18 @@ def test_inspect_ssd300_vgg16_and_yolov1(capsys, tmp_path):
     assert cli_main(["inspect", "--compare", str(ssd), str(y1), "--num-classes", "20"]) == 0
     out = capsys.readouterr().out
     assert "8,732" in out and "98" in out and "objectness (sigmoid)" in out and "a class (C+1 softmax)" in out
+
+
+def test_anchors_command_clusters_the_dataset(capsys, tmp_path):
+    cfg = tmp_path / "y3.yaml"
+    cfg.write_text("model: {arch: yolov3, backbone: tiny, input_size: 256}\n"
+                   "data: {train: {format: shapes, num_images: 40, seed: 3}}\n")
+    assert cli_main(["anchors", str(cfg), "--num", "6", "--size", "256"]) == 0
+    out = capsys.readouterr().out
+    assert "boxes of 40 images, letterboxed to 256x256" in out
+    lines = {line.split()[0]: line.split() for line in out.splitlines()
+             if line.startswith(("k-means", "config")) and len(line.split()) == 3}  # the fit table rows
+    kmeans_iou, config_iou = float(lines["k-means"][1]), float(lines["config"][1])
+    # clustered on these very boxes, the anchors fit them at least as well as the paper's defaults
+    assert kmeans_iou >= config_iou and 0 < kmeans_iou <= 1
+    assert len(json.loads(out.strip().splitlines()[-1])) == 3  # 6 anchors -> 3 scales of 2
