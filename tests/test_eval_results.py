@@ -225,11 +225,13 @@ def test_format_table_sorted_by_ap_with_mean():
     table = format_table(three_class_result())
     lines = table.splitlines()
     assert [line.split()[0] for line in lines[1:4]] == ["cat", "dog", "fish"]
-    assert lines[1].split()[-3:] == ["1.000", "1", "1"]
-    assert lines[2].split()[-3:] == ["0.250", "2", "2"]
-    assert lines[3].split()[-3:] == ["n/a", "0", "1"]
-    # mean over cat and dog: (1 + 1/4) / 2 = 0.625; 3 objects, 4 detections.
-    assert lines[-1].split() == ["mean", "0.625", "3", "4"]
+    # second AP column: the 11-point form. dog's PR points are (r 0, p 0), (r 1/2, p 1/2): the
+    # 11 recall levels 0, 0.1, ..., 0.5 see precision 1/2, the other five 0 -> 6 * 0.5 / 11 = 3/11.
+    assert lines[1].split()[-4:] == ["1.000", "1.000", "1", "1"]
+    assert lines[2].split()[-4:] == ["0.250", "0.273", "2", "2"]
+    assert lines[3].split()[-4:] == ["n/a", "n/a", "0", "1"]
+    # mean over cat and dog: (1 + 1/4) / 2 = 0.625 and (1 + 3/11) / 2 = 0.636; 3 objects, 4 detections.
+    assert lines[-1].split() == ["mean", "0.625", "0.636", "3", "4"]
 
 
 def test_result_to_json_is_strict_json():

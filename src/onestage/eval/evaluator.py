@@ -41,6 +41,7 @@ class ClassRow:
     ap: float  # nan when the class has no non-difficult object
     num_gt: int  # non-difficult objects
     num_det: int  # detections of the class
+    ap_other: float = float("nan")  # the other VOC form (11-point when ap is area, and back)
 
 
 @dataclass
@@ -170,9 +171,10 @@ class Evaluator:
             metrics[f"{key}_11point"] = voc.mean_ap_as("11point")
         if "coco" in self.metrics:
             metrics.update(self._coco())
+        other = voc.ap_as("11point" if self.voc_metric == "area" else "area")
         per_class = [
-            ClassRow(name=n, ap=float(a), num_gt=int(g), num_det=int(d))
-            for n, a, g, d in zip(self.class_names, voc.ap, voc.num_gt, voc.num_det)
+            ClassRow(name=n, ap=float(a), num_gt=int(g), num_det=int(d), ap_other=float(o))
+            for n, a, g, d, o in zip(self.class_names, voc.ap, voc.num_gt, voc.num_det, other)
         ]
         return EvalResult(
             metrics=metrics,
@@ -221,15 +223,18 @@ def format_table(result: EvalResult) -> str:
     rows = sorted(result.per_class, key=lambda r: (math.isnan(r.ap), 0.0 if math.isnan(r.ap) else -r.ap))
     width = max([len("class"), len("mean")] + [len(r.name) for r in rows])
     title = f"AP@{result.iou_threshold:g} ({result.voc_metric})"
+    other = f"({'11point' if result.voc_metric == 'area' else 'area'})"
     col = max(6, len(title))
-    lines = [f"{'class':<{width}}  {title:>{col}}  {'gt':>7}  {'det':>8}"]
+    ocol = len(other)
+    lines = [f"{'class':<{width}}  {title:>{col}}  {other:>{ocol}}  {'gt':>7}  {'det':>8}"]
     for r in rows:
-        lines.append(f"{r.name:<{width}}  {_fmt(r.ap):>{col}}  {r.num_gt:>7d}  {r.num_det:>8d}")
-    present = [r.ap for r in rows if r.num_gt > 0]
-    mean = float(np.mean(present)) if present else float("nan")
+        lines.append(f"{r.name:<{width}}  {_fmt(r.ap):>{col}}  {_fmt(r.ap_other):>{ocol}}  {r.num_gt:>7d}  {r.num_det:>8d}")
+    present = [r for r in rows if r.num_gt > 0]
+    mean = float(np.mean([r.ap for r in present])) if present else float("nan")
+    mean_other = float(np.mean([r.ap_other for r in present])) if present else float("nan")
     lines.append("-" * len(lines[0]))
     lines.append(
-        f"{'mean':<{width}}  {_fmt(mean):>{col}}  {sum(r.num_gt for r in rows):>7d}  "
+        f"{'mean':<{width}}  {_fmt(mean):>{col}}  {_fmt(mean_other):>{ocol}}  {sum(r.num_gt for r in rows):>7d}  "
         f"{sum(r.num_det for r in rows):>8d}"
     )
     return "\n".join(lines)
