@@ -243,3 +243,13 @@ def test_tensorboard_events_when_installed(tmp_path):
     log.log({"kind": "step", "step": 1, "epoch": 1, "loss_total": 2.5, "lr": 0.01})
     log.log({"kind": "epoch", "step": 1, "epoch": 1, "voc_ap50": 0.5})
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_plot_lr_writes_the_schedule(tmp_path, capsys):
+    args = [str(ROOT / "configs" / "demo_shapes.yaml"), *TINY, f"train.out_dir={tmp_path}", "train.name=lr",
+            "train.epochs=5", "schedule.warmup_steps=2"]
+    assert cli_main(["train", *args, "--plot-lr"]) == 0
+    png = tmp_path / "lr" / "lr.png"
+    assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert str(png) in capsys.readouterr().out
+    assert not (tmp_path / "lr" / "last.pt").exists()  # a preview: nothing trained
