@@ -110,3 +110,12 @@ def test_anchors_command_clusters_the_dataset(capsys, tmp_path):
     # clustered on these very boxes, the anchors fit them at least as well as the paper's defaults
     assert kmeans_iou >= config_iou and 0 < kmeans_iou <= 1
     assert len(json.loads(out.strip().splitlines()[-1])) == 3  # 6 anchors -> 3 scales of 2
+
+
+def test_ssd512_is_a_config_of_the_same_code(capsys):
+    info = _inspect_json(capsys, str(ROOT / "configs" / "ssd512_vgg16_voc.yaml"), "--num-classes", "20")
+    assert [m["grid"][0] for m in info["maps"]] == [64, 32, 16, 8, 4, 2, 1]
+    # 64^2 x 4 + 32^2 x 6 + 16^2 x 6 + 8^2 x 6 + 4^2 x 6 + 2^2 x 4 + 1 x 4, the reference SSD512
+    assert info["total_candidates"] == 24564
+    info = _inspect_json(capsys, str(ROOT / "configs" / "ssd300_vgg16_voc.yaml"), "--num-classes", "20")
+    assert info["total_candidates"] == 8732 and info["parameters"] == 26_285_486
