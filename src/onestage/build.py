@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from onestage.config import Config, ConfigError, DatasetConfig
-from onestage.data.base import DetectionDataset, ImageRecord, Transform
+from onestage.data.base import DetectionDataset, Transform
 from onestage.data.problems import DatasetSpec, DataError
 from onestage.engine.precision import should_force_fp32
 from onestage.postprocess import Detections
@@ -347,15 +347,3 @@ def build_detector(
     if cfg.model.arch == "yolov3":
         return build_yolov3(cfg, class_names)
     return build_yolov1(cfg, class_names)
-
-
-def records_class_counts(records: list[ImageRecord], num_classes: int) -> list[int]:
-    counts = [0] * num_classes
-    for rec in records:
-        for label in rec.labels.tolist():
-            counts[label] += 1
-    return counts
-
-
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -171,7 +171,7 @@ def _finish_run(cfg: Config, run_dir: Path, summary: dict) -> None:
 
     plot_training_curves(run_dir / "metrics.csv", run_dir / "plots")
     best = run_dir / "best.pt" if (run_dir / "best.pt").exists() else run_dir / "last.pt"
-    detector, val_ds, device = _load_for_eval(cfg, best)
+    detector, val_ds, _, device = _load_for_eval(cfg, best)
     result, dets = _evaluate_and_report(cfg, detector, val_ds, device, run_dir / "eval", progress=True)
     (run_dir / "eval" / "metrics.json").write_text(json.dumps({"checkpoint": str(best), **result.metrics, **summary}, indent=2))
     _draw_dataset_predictions(cfg, detector, val_ds, dets, run_dir / "predictions")
@@ -181,8 +181,14 @@ def _finish_run(cfg: Config, run_dir: Path, summary: dict) -> None:
 
 
 # ----------------------------------------------------------------------------- eval
-def _load_for_eval(cfg: Config, checkpoint: Path):
-    from onestage.build import build_datasets, build_detector, default_device
+def _load_for_eval(cfg: Config, checkpoint: Path, with_data: bool = True):
+    """(detector with the checkpoint's weights, val dataset and its spec or None, device).
+
+    Only the val split is read (never the training split), and only when ``with_data``.
+    """
+    from onestage.build import build_detector, build_transform, read_dataset
+    from onestage.data.base import DetectionDataset
+    from onestage.engine import distributed as dist
     from onestage.engine.checkpoint import load_checkpoint
 
     ckpt = load_checkpoint(checkpoint)
@@ -191,18 +197,22 @@ def _load_for_eval(cfg: Config, checkpoint: Path):
         # CONFIG chooses the data and the inference settings.
         trained = Config.model_validate(yaml.safe_load(ckpt["config"]))
         cfg = cfg.model_copy(update={"model": trained.model, "loss": trained.loss})
-    _, val_ds, _, _ = build_datasets(cfg)
-    class_names = list(ckpt.get("class_names") or val_ds.class_names)
+    class_names = list(ckpt["class_names"]) if ckpt.get("class_names") else None
+    val_ds = val_spec = None
+    if with_data or class_names is None:
+        val_spec = read_dataset(cfg.data.val, cfg, class_names=class_names)
+        class_names = class_names or val_spec.class_names
+        val_ds = DetectionDataset(val_spec.records, class_names, build_transform(cfg, train=False))
     detector = build_detector(cfg, class_names)
     state = ckpt["model"]
     if ckpt.get("ema") is not None and cfg.ema.use_for_eval:
         state = ckpt["ema"]["shadow"]  # evaluate what training validated: the EMA weights
     detector.model.load_state_dict(state)
-    device = default_device()
+    device = dist.device()
     detector.model.to(device)
     if cfg.precision.channels_last:
         detector.model.to(memory_format=torch.channels_last)
-    return detector, val_ds, device
+    return detector, val_ds, val_spec, device
 
 
 def _evaluate_and_report(cfg, detector, val_ds, device, out_dir: Path | None, progress: bool, quiet: bool = False):
@@ -249,7 +259,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return _score_results(cfg, args.results, args.json)
     if args.checkpoint is None:
         raise ConfigError("eval: give a CHECKPOINT to evaluate, or --results FILE.json to score")
-    detector, val_ds, device = _load_for_eval(cfg, args.checkpoint)
+    detector, val_ds, val_spec, device = _load_for_eval(cfg, args.checkpoint)
     result, dets = _evaluate_and_report(cfg, detector, val_ds, device, args.out, progress=not args.json, quiet=args.json)
     if args.save_results is not None:
         from onestage.eval.coco import coco_image_id_map
@@ -258,21 +268,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
         records = val_ds.records
         id_map = coco_image_id_map([r.image_id for r in records])
         n = save_coco_results(args.save_results, [id_map[r.image_id] for r in records], dets,
-                              _category_ids(cfg, len(val_ds.class_names)))
+                              _category_ids(val_spec, len(val_ds.class_names)))
         print(f"[eval] {n} detections written to {args.save_results}", file=sys.stderr)
     if args.json:
         print(json.dumps(result_to_json(result), indent=2))
     return 0
 
 
-def _category_ids(cfg: Config, num_classes: int) -> list[int]:
-    """Original COCO category ids for a COCO dataset, else 1..C."""
-    if cfg.data.val.format == "coco":
-        from onestage.build import read_dataset
-
-        spec = read_dataset(cfg.data.val, cfg)
-        return list(spec.category_ids)  # type: ignore[attr-defined]
-    return list(range(1, num_classes + 1))
+def _category_ids(spec, num_classes: int) -> list[int]:
+    """Original COCO category ids for a COCO dataset (its reader keeps them), else 1..C."""
+    ids = getattr(spec, "category_ids", None)
+    return list(ids) if ids is not None else list(range(1, num_classes + 1))
 
 
 def _score_results(cfg: Config, results: Path, as_json: bool) -> int:
@@ -333,7 +339,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from onestage.engine.precision import autocast_context
 
     cfg = load_config(args.config)
-    detector, _, device = _load_for_eval(cfg, args.checkpoint)
+    detector, _, _, device = _load_for_eval(cfg, args.checkpoint, with_data=False)
     transform = build_transform(cfg, train=False)
     threshold = cfg.eval.display_threshold if args.threshold is None else args.threshold
     args.out.mkdir(parents=True, exist_ok=True)
