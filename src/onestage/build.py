@@ -6,7 +6,6 @@ module reads the config. Tests build objects directly, without YAML.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -173,12 +172,7 @@ def _backbone_map_sizes(backbone: nn.Module, size: int) -> list[int]:
             if stage >= 2:
                 sides.append(side)
         return sides
-    was_training = backbone.training
-    backbone.eval()
-    with torch.no_grad():
-        maps = backbone(torch.zeros(1, 3, size, size))
-    backbone.train(was_training)
-    return [m.shape[-1] for m in maps]
+    return [m.shape[-1] for m in _probe(backbone, size)]
 
 
 def build_ssd(
@@ -283,12 +277,11 @@ def build_yolov3(cfg: Config, class_names: list[str]) -> Detector:
         anchors, num_classes, score_threshold=_or(ev.score_threshold, 0.001), nms_iou=ev.nms_iou,
         max_detections=_or(ev.max_detections, 100), pre_nms_top_k=_or(ev.pre_nms_top_k, 1000),
     )
-    size = cfg.model.input_size
+    outputs = _probe(model, cfg.model.input_size)  # [(1, A, H, W, 5 + C)], coarsest first
     rows = [
-        LayoutRow(f"scale {i} (stride {s})", (math.ceil(size / s), math.ceil(size / s)), len(g), 5 + num_classes)
-        for i, (s, g) in enumerate(zip(model.strides, sizes))
+        LayoutRow(f"scale {i} (stride {s})", (o.shape[2], o.shape[3]), len(g), 5 + num_classes)
+        for i, (s, g, o) in enumerate(zip(model.strides, sizes, outputs))
     ]
-    rows = _measured_rows(model, size, rows)
     return Detector(model, criterion, post, rows, class_names, "sigmoid objectness + C independent class sigmoids")
 
 
@@ -317,14 +310,16 @@ def build_yolov1(cfg: Config, class_names: list[str]) -> Detector:
     return Detector(model, criterion, post, rows, class_names, "sigmoid confidence per box x softmax class probability per cell")
 
 
-def _measured_rows(model: nn.Module, size: int, rows: list[LayoutRow]) -> list[LayoutRow]:
-    """Replace computed grid sizes with those of a dummy forward (padding rounds differently)."""
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        outputs = model(torch.zeros(1, 3, size, size))
-    model.train(was_training)
-    return [LayoutRow(r.name, (o.shape[2], o.shape[3]), r.anchors_per_cell, r.values_per_anchor) for r, o in zip(rows, outputs)]  # (B, A, H, W, 5 + C)
+def _probe(module: nn.Module, size: int):
+    """One forward of a zero (1, 3, size, size) image without gradients, in eval mode so that
+    BatchNorm statistics stay untouched; the module's mode is restored afterwards."""
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.no_grad():
+            return module(torch.zeros(1, 3, size, size))
+    finally:
+        module.train(was_training)
 
 
 def _force_fp32(cfg: Config) -> Callable[[str], bool]:
