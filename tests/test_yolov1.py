@@ -17,7 +17,7 @@ from onestage.losses.yolov1 import YOLOv1Loss, responsible_predictors
 from onestage.models.backbones.base import Backbone, BackboneWeightsError
 from onestage.models.backbones.tiny import TinyBackbone
 from onestage.models.backbones.yolov1_net import YOLOv1PaperBackbone
-from onestage.models.heads.yolov1 import YOLOv1, YOLOv1Head
+from onestage.models.heads.yolov1 import YOLOv1, YOLOv1ConvHead, YOLOv1Head
 from onestage.postprocess import batched_nms
 from onestage.yolov1_decode import YOLOv1PostProcessor, decode_yolov1, yolov1_cell_decode
 
@@ -306,3 +306,32 @@ def test_sgd_steps_on_a_fixed_batch_reduce_the_loss() -> None:
     # Not only the easy "noobj" term: the boxes move towards their targets too.
     coord = [h["coord_xy"] + h["coord_wh"] for h in history]
     assert coord[-1] < 0.5 * coord[0]
+
+
+def test_conv_head_same_layout_and_shares_weights_across_cells() -> None:
+    torch.manual_seed(0)
+    backbone = TinyBackbone(channels=(8, 16, 32), num_outputs=1)  # 8x8 map at 64: pooled to 3x3
+    head = YOLOv1ConvHead(32, S=3, B=2, num_classes=2, hidden=16)
+    model = YOLOv1(backbone, head).eval()
+    out = model(torch.randn(2, 3, 64, 64))
+    assert out.shape == (2, 3, 3, 12)  # the same (N, S, S, 5B + C) as the paper's head
+    # One predictor for every cell: a constant feature map gives the same values in every
+    # interior cell (the 3x3 conv's zero padding only changes the border cells).
+    feats = torch.ones(1, 32, 5, 5)
+    const = YOLOv1ConvHead(32, S=5, B=2, num_classes=2, hidden=16).eval()([feats])
+    interior = const[0, 1:4, 1:4].reshape(-1, 12)
+    assert torch.allclose(interior, interior[:1].expand_as(interior))
+    # Its raw outputs start near 0, as the paper head's: boxes at w = h = 0.25, conf 0.5.
+    assert out.abs().max() < 0.5
+
+
+def test_config_chooses_the_yolov1_head() -> None:
+    from onestage.build import build_detector
+    from onestage.config import load_config
+
+    base = ["model.arch=yolov1", "model.backbone=tiny", "model.input_size=128", "model.yolov1.hidden=16"]
+    conv = build_detector(load_config(None, [*base, "model.yolov1.head=conv"]), ["a", "b"])
+    fc = build_detector(load_config(None, base), ["a", "b"])
+    assert isinstance(conv.model.head, YOLOv1ConvHead) and isinstance(fc.model.head, YOLOv1Head)
+    x = torch.randn(1, 3, 128, 128)
+    assert conv.model.eval()(x).shape == fc.model.eval()(x).shape == (1, 7, 7, 12)

@@ -287,14 +287,18 @@ def build_yolov3(cfg: Config, class_names: list[str]) -> Detector:
 
 def build_yolov1(cfg: Config, class_names: list[str]) -> Detector:
     from onestage.losses.yolov1 import YOLOv1Loss
-    from onestage.models.heads.yolov1 import YOLOv1, YOLOv1Head
+    from onestage.models.heads.yolov1 import YOLOv1, YOLOv1ConvHead, YOLOv1Head
     from onestage.yolov1_decode import YOLOv1PostProcessor
 
     y = cfg.model.yolov1
     num_classes = len(class_names)
     backbone = _backbone(cfg)
-    head = YOLOv1Head(backbone.out_channels[-1], S=y.grid, B=y.boxes_per_cell, num_classes=num_classes,
-                      hidden=y.hidden, dropout=y.dropout)
+    if y.head == "conv":
+        head = YOLOv1ConvHead(backbone.out_channels[-1], S=y.grid, B=y.boxes_per_cell, num_classes=num_classes,
+                              hidden=y.hidden)
+    else:
+        head = YOLOv1Head(backbone.out_channels[-1], S=y.grid, B=y.boxes_per_cell, num_classes=num_classes,
+                          hidden=y.hidden, dropout=y.dropout)
     model = YOLOv1(backbone, head)
     force = _force_fp32(cfg)
     criterion = YOLOv1Loss(S=y.grid, B=y.boxes_per_cell, num_classes=num_classes, lambda_coord=y.lambda_coord,

@@ -74,8 +74,11 @@ class YOLOv1Config(Strict):
 
     grid: int = Field(7, ge=1)  # S
     boxes_per_cell: int = Field(2, ge=1)  # B
-    hidden: int = Field(4096, ge=1)  # the first fully connected layer's width
-    dropout: float = Field(0.5, ge=0, lt=1)
+    # fc: the paper's two fully connected layers; conv: a 3x3 + 1x1 conv head with the same
+    # output, shared across cells (generalises from a few thousand images; heads/yolov1.py)
+    head: Literal["fc", "conv"] = "fc"
+    hidden: int = Field(4096, ge=1)  # the first fully connected layer's width (conv: the 3x3 conv's channels)
+    dropout: float = Field(0.5, ge=0, lt=1)  # after the first fully connected layer (fc head only)
     lambda_coord: float = Field(5.0, ge=0)
     lambda_noobj: float = Field(0.5, ge=0)
     conf_target: Literal["iou", "one"] = "iou"

@@ -76,10 +76,50 @@ class YOLOv1Head(nn.Module):
         return out.view(-1, self.S, self.S, self.values_per_cell)  # (N, S, S, 5B + C)
 
 
+class YOLOv1ConvHead(nn.Module):
+    """A convolutional YOLOv1 head: the same S x S x (5B + C) output from 3x3 then 1x1 convs.
+
+    Not the paper's head: the paper flattens the map into fully connected layers, so every
+    cell's prediction has its own weights for every position of the image. With a few
+    thousand training images that head memorises positions (on the shapes demo the loss
+    falls while held-out mAP stays near 0.1); a conv head shares one predictor across the
+    cells (each cell still sees a neighbourhood through the backbone's receptive field and
+    the 3x3 conv). Targets, loss, decoding and the output layout are unchanged.
+
+    features[-1] (N, C_in, H, W) -> adaptive average pool to S x S when needed ->
+    conv3x3(C_in -> hidden) + BN + leaky ReLU -> conv1x1(hidden -> 5B + C) -> (N, S, S, 5B + C).
+    """
+
+    def __init__(self, in_channels: int, S: int = 7, B: int = 2, num_classes: int = 20, hidden: int = 256) -> None:
+        super().__init__()
+        if S < 1 or B < 1 or num_classes < 1 or hidden < 1:
+            raise ValueError(f"S, B, num_classes and hidden must be >= 1; got S={S}, B={B}, C={num_classes}, hidden={hidden}")
+        self.S = S
+        self.B = B
+        self.num_classes = num_classes
+        self.values_per_cell = 5 * B + num_classes
+        self.conv = nn.Sequential(
+            nn.Conv2d(in_channels, hidden, 3, padding=1, bias=False),
+            nn.BatchNorm2d(hidden),
+            nn.LeakyReLU(LEAKY_SLOPE, inplace=True),
+        )
+        self.pred = nn.Conv2d(hidden, self.values_per_cell, 1)
+        nn.init.kaiming_normal_(self.conv[0].weight, a=LEAKY_SLOPE, mode="fan_out", nonlinearity="leaky_relu")
+        nn.init.normal_(self.pred.weight, std=LAST_WEIGHT_STD)  # raw outputs start near 0, as YOLOv1Head
+        nn.init.zeros_(self.pred.bias)
+
+    def forward(self, features: Sequence[Tensor]) -> Tensor:
+        x = features[-1]  # (N, C_in, H, W), the coarsest map
+        if tuple(x.shape[-2:]) != (self.S, self.S):
+            x = F.adaptive_avg_pool2d(x, self.S)  # (N, C_in, S, S)
+        out = self.pred(self.conv(x))  # (N, 5B + C, S, S)
+        return out.permute(0, 2, 3, 1).contiguous()  # (N, S, S, 5B + C)
+
+
 class YOLOv1(nn.Module):
     """Backbone + head: (N, 3, H, W) -> (N, S, S, 5B + C) raw outputs."""
 
-    def __init__(self, backbone: Backbone | nn.Module, head: YOLOv1Head) -> None:
+    def __init__(self, backbone: Backbone | nn.Module, head: YOLOv1Head | YOLOv1ConvHead) -> None:
         super().__init__()
         self.backbone = backbone
         self.head = head
