@@ -178,6 +178,34 @@ def test_truncated_jpeg_fails_on_decode_not_on_header(tmp_path: Path) -> None:
         load_image(tmp_path / "cut.jpg")
 
 
+def test_training_set_skips_an_image_truncated_after_its_header(tmp_path: Path) -> None:
+    from onestage.data.base import DetectionDataset
+    from onestage.data.transforms import EvalTransform
+
+    rng = np.random.default_rng(2)
+    records = []
+    for name in ("a", "cut", "c"):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)).save(buf, format="JPEG")
+        data = buf.getvalue()
+        (tmp_path / f"{name}.jpg").write_bytes(data[: len(data) // 2] if name == "cut" else data)
+        records.append(ImageRecord(image_id=name, width=64, height=48, boxes=[[1, 2, 30, 40]], labels=[0],
+                                   path=tmp_path / f"{name}.jpg"))
+    strict = DetectionDataset(records, ["x"], EvalTransform(32))
+    with pytest.raises(DataError, match=r"cut\.jpg: corrupt image"):
+        strict[1]
+    lenient = DetectionDataset(records, ["x"], EvalTransform(32), skip_unreadable=True)
+    with pytest.warns(UserWarning, match=r"cut\.jpg: corrupt image .*skipped \(data\.on_error: skip\)"):
+        sample = lenient[1]
+    assert sample["index"] == 2  # the next readable image stands in, and says which it is
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once per file, not every epoch
+        assert lenient[1]["index"] == 2 and lenient[0]["index"] == 0
+    all_bad = DetectionDataset(records[1:2], ["x"], EvalTransform(32), skip_unreadable=True)
+    with pytest.warns(UserWarning), pytest.raises(DataError, match="no readable image left"):
+        all_bad[0]
+
+
 def test_load_record_image(tmp_path: Path) -> None:
     held = np.full((2, 3, 3), 7, dtype=np.uint8)
     rec = ImageRecord(image_id=0, width=3, height=2, boxes=np.zeros((0, 4)), labels=np.zeros(0), image=held)

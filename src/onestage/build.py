@@ -116,6 +116,7 @@ def build_datasets(cfg: Config) -> tuple[DetectionDataset, DetectionDataset, Dat
     train_ds = DetectionDataset(
         train_spec.records, train_spec.class_names, build_transform(cfg, train=True),
         cache_max_side=2 * cfg.model.input_size if cfg.data.cache_images else None,
+        skip_unreadable=cfg.data.on_error == "skip",
     )
     val_ds = DetectionDataset(val_spec.records, train_spec.class_names, build_transform(cfg, train=False))
     return train_ds, val_ds, train_spec, val_spec

@@ -18,6 +18,7 @@ Contracts:
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -77,7 +78,13 @@ class DetectionDataset(torch.utils.data.Dataset):
     # many pixels (boxes scaled to match): large photographs are decoded once, not every
     # epoch. None: read from disk each time.
     cache_max_side: int | None = None
+    # An image whose data turns out unreadable only when decoded (a JPEG truncated after a
+    # valid header passes the readers' header checks): raise (False), or warn once, naming
+    # the file, and use the next readable image in its place (True; training with
+    # data.on_error: skip). Never for evaluation, where a substitute would count twice.
+    skip_unreadable: bool = False
     _cache: dict = field(default_factory=dict, repr=False)
+    _unreadable: set = field(default_factory=set, repr=False)
 
     def __post_init__(self) -> None:
         if self.image_loader is None:
@@ -88,6 +95,25 @@ class DetectionDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
+    def _readable(self, index: int) -> tuple[int, np.ndarray, float]:
+        """(index actually used, image, scale): ``index`` itself unless it is unreadable and
+        ``skip_unreadable`` is set, then the next readable one (wrapping around)."""
+        from onestage.data.problems import DataError
+
+        for k in range(len(self.records)):
+            i = (index + k) % len(self.records)
+            if i in self._unreadable:
+                continue
+            try:
+                image, scale = self._image(i, self.records[i])
+                return i, image, scale
+            except DataError as err:
+                if not self.skip_unreadable:
+                    raise
+                self._unreadable.add(i)
+                warnings.warn(f"{err}; skipped (data.on_error: skip): a readable image is used in its place", stacklevel=2)
+        raise DataError(f"no readable image left among the {len(self.records)} images of this split")
+
     def _image(self, index: int, rec: ImageRecord) -> tuple[np.ndarray, float]:
         """(H, W, 3) uint8 RGB and the factor from record pixels to its pixels."""
         if self.cache_max_side is None:
@@ -97,10 +123,10 @@ class DetectionDataset(torch.utils.data.Dataset):
         return self._cache[index]
 
     def __getitem__(self, index: int) -> dict:
+        index, image, scale = self._readable(index)
         rec = self.records[index]
         if self.seed is not None:
             seed_sample(self.seed, self.epoch, index)
-        image, scale = self._image(index, rec)
         # Training and evaluation never see `difficult` boxes' labels differently: they are
         # ignored by the evaluator only, so the model still learns from them.
         image_t, boxes, labels = self.transform(image, rec.boxes * scale, rec.labels.copy())
