@@ -1,4 +1,4 @@
-"""The YOLOv1 head (two fully connected layers) and the YOLOv1 detector module.
+"""The YOLOv1 heads (the paper's two fully connected layers, or convolutions) and the YOLOv1 detector.
 
 Redmon et al., "You Only Look Once" (CVPR 2016), section 2.1 and Figure 3: after the
 convolutional layers, a fully connected layer of 4096 units (leaky ReLU 0.1) and a final
@@ -9,6 +9,7 @@ Contracts (docs/contracts.md):
 - ``YOLOv1Head(features: list[(N, C_i, H_i, W_i)]) -> (N, S, S, 5B + C)`` raw, from the last
   (coarsest) map. Layout per cell: [x, y, w, h, conf] * B, then C class scores; what each
   value means (sigmoid / softmax) is ``onestage.yolov1_decode.yolov1_activate``.
+- ``YOLOv1ConvHead``: the same contract from convolutions (not the paper's; see its docstring).
 - ``YOLOv1(images (N, 3, H, W)) -> (N, S, S, 5B + C)``: the same raw tensor in train and eval
   mode; targets, loss, decoding and NMS live elsewhere (DESIGN.md section 2).
 """
