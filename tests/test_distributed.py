@@ -530,3 +530,16 @@ def test_yolo_loss_over_two_processes_equals_one_process(tmp_path):
     # After one EMA update (decay 0.1 at first) w - EMA = 0.1 (w - w0): the step moved some
     # weights by more than 1e-2, far beyond the tolerance.
     assert moved > 1e-3
+
+
+@pytest.mark.parametrize("message, collective", [
+    ("Application timeout caused pair closure", True),  # gloo, from DDP's buffer broadcast in forward
+    ("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:1234", True),
+    ("[/pytorch/third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:81] Timed out waiting 8000ms", True),
+    ("mat1 and mat2 shapes cannot be multiplied (2x3 and 4x5)", False),  # a model bug stays itself
+])
+def test_which_errors_count_as_failed_collectives(message, collective):
+    from onestage.engine.distributed import _is_collective_failure
+
+    assert _is_collective_failure(RuntimeError(message)) is collective
+    assert _is_collective_failure(ValueError(message)) is False

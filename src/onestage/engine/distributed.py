@@ -131,12 +131,17 @@ def cleanup() -> None:
 
 
 def _is_collective_failure(exc: BaseException) -> bool:
-    # torch raises DistError subclasses for NCCL and the store; gloo raises plain RuntimeErrors
-    # whose message carries gloo's source path ("Connection closed by peer", "Timed out ...").
+    # torch raises DistError subclasses for NCCL and the store; gloo raises plain RuntimeErrors,
+    # most carrying gloo's source path ("Connection closed by peer", "Timed out ..."), but not
+    # all: DDP's buffer broadcast in forward reports a stalled peer as just "Application
+    # timeout caused pair closure".
     if isinstance(exc, dist.DistError):
         return True
     text = str(exc).lower()
-    return isinstance(exc, RuntimeError) and ("gloo" in text or "nccl" in text or "processgroup" in text)
+    return isinstance(exc, RuntimeError) and any(word in text for word in _COLLECTIVE_WORDS)
+
+
+_COLLECTIVE_WORDS = ("gloo", "nccl", "processgroup", "pair closure", "connection closed", "connection reset", "timed out")
 
 
 @contextlib.contextmanager
