@@ -27,6 +27,17 @@ LEAKY_SLOPE = 0.1  # YOLOv1 section 2.2
 LAST_WEIGHT_STD = 0.01
 
 
+def _check_grid(S: int, B: int, num_classes: int, hidden: int) -> None:
+    if S < 1 or B < 1 or num_classes < 1 or hidden < 1:
+        raise ValueError(f"S, B, num_classes and hidden must be >= 1; got S={S}, B={B}, C={num_classes}, hidden={hidden}")
+
+
+def _grid_input(features: Sequence[Tensor], S: int) -> Tensor:
+    """The coarsest map (N, C_in, H, W), average-pooled to (N, C_in, S, S) unless already S x S."""
+    x = features[-1]
+    return x if tuple(x.shape[-2:]) == (S, S) else F.adaptive_avg_pool2d(x, S)
+
+
 class YOLOv1Head(nn.Module):
     """Flatten an S x S map -> Linear(hidden) -> leaky ReLU -> Dropout -> Linear(S*S*(5B + C)).
 
@@ -51,13 +62,10 @@ class YOLOv1Head(nn.Module):
         dropout: float = 0.5,
     ) -> None:
         super().__init__()
-        if S < 1 or B < 1 or num_classes < 1 or hidden < 1:
-            raise ValueError(f"S, B, num_classes and hidden must be >= 1; got S={S}, B={B}, C={num_classes}, hidden={hidden}")
+        _check_grid(S, B, num_classes, hidden)
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-        self.S = S
-        self.B = B
-        self.num_classes = num_classes
+        self.S, self.B, self.num_classes = S, B, num_classes
         self.values_per_cell = 5 * B + num_classes
         self.fc1 = nn.Linear(S * S * in_channels, hidden)
         self.act = nn.LeakyReLU(LEAKY_SLOPE, inplace=True)
@@ -69,9 +77,7 @@ class YOLOv1Head(nn.Module):
         nn.init.zeros_(self.fc2.bias)
 
     def forward(self, features: Sequence[Tensor]) -> Tensor:
-        x = features[-1]  # (N, C_in, H, W), the coarsest map
-        if tuple(x.shape[-2:]) != (self.S, self.S):
-            x = F.adaptive_avg_pool2d(x, self.S)  # (N, C_in, S, S)
+        x = _grid_input(features, self.S)  # (N, C_in, S, S)
         x = self.dropout(self.act(self.fc1(x.flatten(1))))  # (N, hidden)
         out = self.fc2(x)  # (N, S*S*(5B + C)), linear (paper: "linear activation" last)
         return out.view(-1, self.S, self.S, self.values_per_cell)  # (N, S, S, 5B + C)
@@ -93,11 +99,8 @@ class YOLOv1ConvHead(nn.Module):
 
     def __init__(self, in_channels: int, S: int = 7, B: int = 2, num_classes: int = 20, hidden: int = 256) -> None:
         super().__init__()
-        if S < 1 or B < 1 or num_classes < 1 or hidden < 1:
-            raise ValueError(f"S, B, num_classes and hidden must be >= 1; got S={S}, B={B}, C={num_classes}, hidden={hidden}")
-        self.S = S
-        self.B = B
-        self.num_classes = num_classes
+        _check_grid(S, B, num_classes, hidden)
+        self.S, self.B, self.num_classes = S, B, num_classes
         self.values_per_cell = 5 * B + num_classes
         self.conv = nn.Sequential(
             nn.Conv2d(in_channels, hidden, 3, padding=1, bias=False),
@@ -110,10 +113,7 @@ class YOLOv1ConvHead(nn.Module):
         nn.init.zeros_(self.pred.bias)
 
     def forward(self, features: Sequence[Tensor]) -> Tensor:
-        x = features[-1]  # (N, C_in, H, W), the coarsest map
-        if tuple(x.shape[-2:]) != (self.S, self.S):
-            x = F.adaptive_avg_pool2d(x, self.S)  # (N, C_in, S, S)
-        out = self.pred(self.conv(x))  # (N, 5B + C, S, S)
+        out = self.pred(self.conv(_grid_input(features, self.S)))  # (N, 5B + C, S, S)
         return out.permute(0, 2, 3, 1).contiguous()  # (N, S, S, 5B + C)
 
 
