@@ -118,8 +118,12 @@ def build_datasets(cfg: Config) -> tuple[DetectionDataset, DetectionDataset, Dat
         cache_max_side=2 * cfg.model.input_size if cfg.data.cache_images else None,
         skip_unreadable=cfg.data.on_error == "skip",
     )
-    val_ds = DetectionDataset(val_spec.records, train_spec.class_names, build_transform(cfg, train=False))
-    return train_ds, val_ds, train_spec, val_spec
+    return train_ds, build_eval_dataset(cfg, val_spec, train_spec.class_names), train_spec, val_spec
+
+
+def build_eval_dataset(cfg: Config, spec: DatasetSpec, class_names: list[str]) -> DetectionDataset:
+    """The validation/evaluation dataset of ``spec``: eval transform, nothing cached or skipped."""
+    return DetectionDataset(spec.records, class_names, build_transform(cfg, train=False))
 
 
 # ----------------------------------------------------------------------------- models
@@ -162,17 +166,7 @@ def _ssd_backbone_and_extras(cfg: Config, num_maps: int):
 
 
 def _backbone_map_sizes(backbone: nn.Module, size: int) -> list[int]:
-    """Side of each backbone map for a square input. MobileNetV2 by formula (five stride-2
-    k3 p1 convs: H -> ceil(H / 2)), others by one dummy forward."""
-    from onestage.models.backbones.mobilenet_v2 import MobileNetV2Backbone
-
-    if isinstance(backbone, MobileNetV2Backbone):
-        sides, side = [], size
-        for stage in range(5):
-            side = (side + 1) // 2
-            if stage >= 2:
-                sides.append(side)
-        return sides
+    """Side of each backbone map for a square input, measured by one dummy forward."""
     return [m.shape[-1] for m in _probe(backbone, size)]
 
 

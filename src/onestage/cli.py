@@ -186,8 +186,7 @@ def _load_for_eval(cfg: Config, checkpoint: Path, with_data: bool = True):
 
     Only the val split is read (never the training split), and only when ``with_data``.
     """
-    from onestage.build import build_detector, build_transform, read_dataset
-    from onestage.data.base import DetectionDataset
+    from onestage.build import build_detector, build_eval_dataset, read_dataset
     from onestage.engine import distributed as dist
     from onestage.engine.checkpoint import load_checkpoint
 
@@ -202,7 +201,7 @@ def _load_for_eval(cfg: Config, checkpoint: Path, with_data: bool = True):
     if with_data or class_names is None:
         val_spec = read_dataset(cfg.data.val, cfg, class_names=class_names)
         class_names = class_names or val_spec.class_names
-        val_ds = DetectionDataset(val_spec.records, class_names, build_transform(cfg, train=False))
+        val_ds = build_eval_dataset(cfg, val_spec, class_names)
     detector = build_detector(cfg, class_names)
     state = ckpt["model"]
     if ckpt.get("ema") is not None and cfg.ema.use_for_eval:
