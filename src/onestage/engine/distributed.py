@@ -130,6 +130,9 @@ def cleanup() -> None:
     _timeout.clear()
 
 
+_COLLECTIVE_WORDS = ("gloo", "nccl", "processgroup", "pair closure", "connection closed", "connection reset", "timed out")
+
+
 def _is_collective_failure(exc: BaseException) -> bool:
     # torch raises DistError subclasses for NCCL and the store; gloo raises plain RuntimeErrors,
     # most carrying gloo's source path ("Connection closed by peer", "Timed out ..."), but not
@@ -139,9 +142,6 @@ def _is_collective_failure(exc: BaseException) -> bool:
         return True
     text = str(exc).lower()
     return isinstance(exc, RuntimeError) and any(word in text for word in _COLLECTIVE_WORDS)
-
-
-_COLLECTIVE_WORDS = ("gloo", "nccl", "processgroup", "pair closure", "connection closed", "connection reset", "timed out")
 
 
 @contextlib.contextmanager
