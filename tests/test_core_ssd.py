@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from onestage.assign.ssd import BACKGROUND, IGNORE, match_ssd
-from onestage.boxes import box_iou, cxcywh_to_xyxy, xyxy_to_cxcywh
+from onestage.boxes import box_iou, cxcywh_to_xyxy, paired_giou, xyxy_to_cxcywh
 from onestage.coders import ssd_decode, ssd_encode
 from onestage.config import LossConfig, MatcherConfig
 from onestage.losses.functional import smooth_l1
@@ -253,6 +253,43 @@ def test_multibox_loss_by_hand_one_prior_positive():
     assert out["cls"].item() == pytest.approx(expected_cls, rel=1e-5)
     assert out["loc"].item() == pytest.approx(0.125, rel=1e-5)
     assert out["num_pos"].item() == 1
+
+
+def test_paired_giou_by_hand():
+    a = torch.tensor([[0.0, 0.0, 1.0, 1.0], [0.0, 0.0, 2.0, 2.0], [0.0, 0.0, 1.0, 1.0], [0.0, 0.0, 0.0, 0.0]])
+    b = torch.tensor([[0.0, 0.0, 1.0, 1.0], [0.0, 0.0, 1.0, 1.0], [2.0, 0.0, 3.0, 1.0], [0.0, 0.0, 0.0, 0.0]])
+    # identical: 1; contained: IoU 1/4, hull = union; disjoint: 0 - (3 - 2) / 3; two empty boxes: 0
+    torch.testing.assert_close(paired_giou(a, b), torch.tensor([1.0, 0.25, -1.0 / 3.0, 0.0]))
+
+
+@given(st.integers(0, 100_000))
+@settings(max_examples=30, deadline=None)
+def test_paired_giou_bounded_by_iou(seed):
+    """Property: -1 <= GIoU <= IoU, symmetric, and equal to IoU when the hull is the union."""
+    g = torch.Generator().manual_seed(seed)
+    xy = torch.rand(2, 16, 2, generator=g)
+    boxes = torch.cat((xy, xy + 0.01 + torch.rand(2, 16, 2, generator=g)), dim=-1)
+    giou = paired_giou(boxes[0], boxes[1])
+    iou = box_iou(boxes[0], boxes[1]).diagonal()
+    assert (giou <= iou + 1e-6).all() and (giou >= -1 - 1e-6).all()
+    torch.testing.assert_close(giou, paired_giou(boxes[1], boxes[0]))
+    torch.testing.assert_close(paired_giou(boxes[0], boxes[0]), torch.ones(16))
+
+
+def test_multibox_giou_loss_by_hand():
+    priors = _priors_from_xyxy([[0.0, 0.0, 0.5, 0.5], [0.5, 0.5, 1.0, 1.0], [0.5, 0.0, 1.0, 0.5], [0, 0.5, 0.5, 1]])
+    crit = MultiboxLoss(priors, MatcherConfig(), LossConfig(box_loss="giou", alpha=2.0))
+    gt, labels = torch.tensor([[[0.0, 0.0, 0.5, 0.5]]]), torch.tensor([[0]])
+    loc = torch.zeros(1, 4, 4, requires_grad=True)
+    exact = crit({"cls": torch.zeros(1, 4, 2), "loc": loc}, gt, labels)
+    assert exact["loc"].item() == pytest.approx(0.0, abs=1e-6)  # decoded prior 0 is the ground truth
+    wide = torch.zeros(1, 4, 4)
+    wide[0, 0, 2] = math.log(2.0) / 0.2  # width doubled about the centre: [-0.25, 0, 0.75, 0.5]
+    out = crit({"cls": torch.zeros(1, 4, 2), "loc": wide.requires_grad_()}, gt, labels)
+    # IoU = 0.25 / 0.5; the hull is the union: GIoU 0.5, loss alpha * (1 - 0.5) = 1
+    assert out["loc"].item() == pytest.approx(1.0, rel=1e-5)
+    out["total"].backward()
+    assert torch.isfinite(wide.grad).all() and wide.grad[0, 0, 2] > 0 and (wide.grad[0, 1:] == 0).all()
 
 
 def test_multibox_no_objects_is_finite():

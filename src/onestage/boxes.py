@@ -65,6 +65,22 @@ def box_iou(boxes1: Tensor, boxes2: Tensor, dtype: torch.dtype = torch.float32) 
     return torch.where(union > 0, inter / union.clamp(min=torch.finfo(dtype).tiny), torch.zeros_like(inter))
 
 
+def paired_giou(boxes1: Tensor, boxes2: Tensor, eps: float = 1e-7) -> Tensor:
+    """Generalized IoU (Rezatofighi et al. 2019) of boxes paired elementwise, in fp32.
+
+    boxes1, boxes2: (..., 4) xyxy -> (...) in [-1, 1]: IoU - (C - U) / C, C the area of the
+    smallest box enclosing both. Unlike IoU it keeps a gradient when the boxes do not
+    overlap. ``eps`` (a floor on the union and the hull) keeps two empty boxes at 0.
+    """
+    b1, b2 = boxes1.float(), boxes2.float()
+    inter_wh = (torch.minimum(b1[..., 2:], b2[..., 2:]) - torch.maximum(b1[..., :2], b2[..., :2])).clamp(min=0)
+    inter = inter_wh[..., 0] * inter_wh[..., 1]
+    union = box_area(b1) + box_area(b2) - inter
+    hull_wh = (torch.maximum(b1[..., 2:], b2[..., 2:]) - torch.minimum(b1[..., :2], b2[..., :2])).clamp(min=0)
+    hull = hull_wh[..., 0] * hull_wh[..., 1]
+    return inter / union.clamp(min=eps) - (hull - union) / hull.clamp(min=eps)
+
+
 def wh_iou(wh1: Tensor, wh2: Tensor) -> Tensor:
     """IoU of boxes given only by width and height, both centered at the origin (YOLO anchors).
 

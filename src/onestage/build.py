@@ -7,7 +7,7 @@ module reads the config. Tests build objects directly, without YAML.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from torch import Tensor, nn
@@ -17,6 +17,9 @@ from onestage.data.base import DetectionDataset, Transform
 from onestage.data.problems import DatasetSpec, DataError
 from onestage.engine.precision import should_force_fp32
 from onestage.postprocess import Detections
+
+if TYPE_CHECKING:
+    from onestage.data.mosaic import Mosaic
 
 
 @dataclass(frozen=True)
@@ -105,6 +108,19 @@ def build_transform(cfg: Config, train: bool) -> Transform:
     return T.FlipOnlyTransform(size, mean, std)
 
 
+def build_mosaic(cfg: Config) -> Mosaic | None:
+    """The training set's mosaic, filled with the colour its preset pads with; None when off."""
+    from onestage.data import transforms as T
+    from onestage.data.mosaic import Mosaic
+
+    aug = cfg.data.augment
+    if aug.mosaic == 0 or aug.preset == "none":
+        return None
+    grey = (T.YOLO_PAD_VALUE,) * 3
+    fill = grey if aug.preset == "yolo" else T.fill_colour(cfg.data.mean)
+    return Mosaic(aug.mosaic, cfg.model.input_size, fill, aug.min_visible)
+
+
 def build_datasets(cfg: Config) -> tuple[DetectionDataset, DetectionDataset, DatasetSpec, DatasetSpec]:
     train_spec = read_dataset(cfg.data.train, cfg)
     val_spec = read_dataset(cfg.data.val, cfg, class_names=train_spec.class_names)
@@ -117,6 +133,7 @@ def build_datasets(cfg: Config) -> tuple[DetectionDataset, DetectionDataset, Dat
         train_spec.records, train_spec.class_names, build_transform(cfg, train=True),
         cache_max_side=2 * cfg.model.input_size if cfg.data.cache_images else None,
         skip_unreadable=cfg.data.on_error == "skip",
+        mosaic=build_mosaic(cfg),
     )
     return train_ds, build_eval_dataset(cfg, val_spec, train_spec.class_names), train_spec, val_spec
 

@@ -121,6 +121,9 @@ class MatcherConfig(Strict):
 
 class LossConfig(Strict):
     alpha: float = Field(1.0, ge=0)  # weight of the localization term
+    # SSD localization term: smooth L1 on the encoded offsets (the paper), or 1 - GIoU of
+    # the decoded box and its ground truth (scale-free: a large object's box counts by overlap)
+    box_loss: Literal["smooth_l1", "giou"] = "smooth_l1"
     beta: float = Field(1.0, gt=0)  # smooth L1 threshold
     neg_pos_ratio: float = Field(3.0, ge=0)  # hard negatives kept per positive
     normalize: Literal["batch", "image"] = "batch"  # divide by positives of the batch / each image
@@ -147,6 +150,9 @@ class AugmentConfig(Strict):
     zoom_out: float = Field(4.0, ge=1)  # largest canvas / image ratio for zoom-out
     photometric: bool = True
     min_visible: float = Field(0.3, ge=0, le=1)  # drop a cropped box keeping less of its area
+    # probability that a training sample is a 4-image mosaic (onestage.data.mosaic), made
+    # before the preset's pipeline; 0 = off (the SSD paper's recipe)
+    mosaic: float = Field(0.0, ge=0, le=1)
 
 
 class DataConfig(Strict):

@@ -21,11 +21,14 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from onestage.data.mosaic import Mosaic
 
 PAD_LABEL = -1
 
@@ -83,6 +86,9 @@ class DetectionDataset(torch.utils.data.Dataset):
     # the file, and use the next readable image in its place (True; training with
     # data.on_error: skip). Never for evaluation, where a substitute would count twice.
     skip_unreadable: bool = False
+    # Training only: with probability mosaic.p a sample is its image tiled with three others
+    # drawn at random (onestage.data.mosaic), before the transform. None: never.
+    mosaic: Mosaic | None = None
     _cache: dict = field(default_factory=dict, repr=False)
     _unreadable: set = field(default_factory=set, repr=False)
 
@@ -129,13 +135,26 @@ class DetectionDataset(torch.utils.data.Dataset):
             seed_sample(self.seed, self.epoch, index)
         # Training and evaluation never see `difficult` boxes' labels differently: they are
         # ignored by the evaluator only, so the model still learns from them.
-        image_t, boxes, labels = self.transform(image, rec.boxes * scale, rec.labels.copy())
+        boxes, labels = rec.boxes * scale, rec.labels.copy()
+        # (checked first so that a dataset without mosaic draws the same random numbers)
+        if self.mosaic is not None and self.mosaic.p > 0 and np.random.random() < self.mosaic.p:
+            image, boxes, labels = self.mosaic([(image, boxes, labels), *self._random_tiles(3)])
+        image_t, boxes, labels = self.transform(image, boxes, labels)
         return {
             "image": image_t,
             "boxes": torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4),
             "labels": torch.as_tensor(labels, dtype=torch.int64).reshape(-1),
             "index": index,
         }
+
+
+    def _random_tiles(self, count: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """``count`` (image, boxes in its pixels, labels) of random images, for a mosaic."""
+        tiles = []
+        for j in np.random.randint(len(self.records), size=count):
+            j, image, scale = self._readable(int(j))
+            tiles.append((image, self.records[j].boxes * scale, self.records[j].labels.copy()))
+        return tiles
 
 
 def _shrink(image: np.ndarray, max_side: int) -> tuple[np.ndarray, float]:

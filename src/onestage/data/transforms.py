@@ -247,7 +247,7 @@ def _invert(plan: Plan, boxes_norm: np.ndarray | Tensor, size: int, width: int, 
     return _same_kind(src, boxes_norm)
 
 
-def _fill_colour(mean: Triple) -> tuple[int, int, int]:
+def fill_colour(mean: Triple) -> tuple[int, int, int]:
     """The mean colour as uint8: it normalizes to ~0, so zoom-out padding carries no signal."""
     return tuple(int(round(m * 255)) for m in mean)  # type: ignore[return-value]
 
@@ -437,7 +437,7 @@ class SSDTrainTransform:
         self.size, self.mean, self.std = size, mean, std
         self.photometric, self.zoom_out, self.min_visible = photometric, zoom_out, min_visible
         self.zoom_out_p, self.crop, self.flip = zoom_out_p, crop, flip
-        self.fill = _fill_colour(mean)
+        self.fill = fill_colour(mean)
         # torchvision references/detection RandomPhotometricDistort ranges for SSD.
         self._jitter = A.ColorJitter(brightness=0.125, contrast=0.5, saturation=0.5, hue=0.05, p=1.0)
 

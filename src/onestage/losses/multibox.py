@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from onestage.assign.ssd import BACKGROUND, match_ssd
-from onestage.coders import ssd_encode
+from onestage.boxes import paired_giou
+from onestage.coders import ssd_decode, ssd_encode
 from onestage.config import LossConfig, MatcherConfig
 from onestage.losses.functional import smooth_l1
 
@@ -91,7 +92,11 @@ class MultiboxLoss(nn.Module):
         num_pos = pos.sum(dim=1)  # (B,)
         hard_neg = hard_negative_mask(ce.detach(), matched == BACKGROUND, num_pos, self.cfg.neg_pos_ratio)
 
-        loc_per_prior = smooth_l1(loc, target_loc.to(loc.dtype), self.cfg.beta, reduction="none")  # (B, P)
+        if self.cfg.box_loss == "giou":
+            # decoded in fp32 (ssd_decode), whatever the autocast dtype of the offsets
+            loc_per_prior = 1.0 - paired_giou(ssd_decode(loc, self.priors, self.cfg.variances), target_boxes)  # (B, P)
+        else:
+            loc_per_prior = smooth_l1(loc, target_loc.to(loc.dtype), self.cfg.beta, reduction="none")  # (B, P)
         loc_per_image = (loc_per_prior * pos).sum(dim=1)  # (B,)
         cls_per_image = (ce * (pos | hard_neg)).sum(dim=1)  # (B,)
 
