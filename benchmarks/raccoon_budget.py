@@ -42,13 +42,14 @@ def main() -> None:
     p.add_argument("overrides", nargs="*")
     args = p.parse_args()
     name = f"raccoon-{'tune-' if args.holdout else ''}{time.strftime('%Y%m%d-%H%M%S')}"
-    run_dir = args.out / name
     overrides = [f"train.time_budget={args.minutes}", f"train.out_dir={args.out}", f"train.name={name}"]
+    config = ROOT / "configs" / "raccoon_ssdlite.yaml"
+    cfg = load_config(config, [*overrides, *args.overrides])
+    run_dir = Path(cfg.train.out_dir) / str(cfg.train.name)  # a user override may rename it
     if args.holdout:
         train_csv, val_csv = split_training_images(DATASET / "data" / "train_labels.csv", args.holdout, run_dir)
-        overrides += [f"data.train.split={train_csv}", f"data.val.split={val_csv}"]
-    cfg = load_config(ROOT / "configs" / "raccoon_ssdlite.yaml", [*overrides, *args.overrides])
-    run_dir = Path(cfg.train.out_dir) / str(cfg.train.name)  # an override may rename it
+        split = [f"data.train.split={train_csv}", f"data.val.split={val_csv}"]
+        cfg = load_config(config, [*overrides, *split, *args.overrides])
     summary = train(cfg, run_dir, progress=False)
     history = [r for r in summary_rows(run_dir) if r["kind"] == "epoch"]
     ap = float(history[-1]["voc_ap50_area"])

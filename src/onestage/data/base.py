@@ -147,7 +147,6 @@ class DetectionDataset(torch.utils.data.Dataset):
             "index": index,
         }
 
-
     def _random_tiles(self, count: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         """``count`` (image, boxes in its pixels, labels) of random images, for a mosaic."""
         tiles = []
