@@ -82,7 +82,6 @@ class MultiboxLoss(nn.Module):
         with torch.no_grad():
             target_labels = torch.where(pos, gt_labels.gather(1, safe) + 1, 0)  # 0 = background
             target_boxes = gt_boxes.gather(1, safe[..., None].expand(-1, -1, 4))  # (B, P, 4) xyxy
-            target_loc = ssd_encode(target_boxes, self.priors, self.cfg.variances)
 
         if self.force_fp32("loss_reduction"):
             cls_logits, loc = cls_logits.float(), loc.float()
@@ -96,6 +95,7 @@ class MultiboxLoss(nn.Module):
             # decoded in fp32 (ssd_decode), whatever the autocast dtype of the offsets
             loc_per_prior = 1.0 - paired_giou(ssd_decode(loc, self.priors, self.cfg.variances), target_boxes)  # (B, P)
         else:
+            target_loc = ssd_encode(target_boxes, self.priors, self.cfg.variances)  # (B, P, 4), no grad: targets
             loc_per_prior = smooth_l1(loc, target_loc.to(loc.dtype), self.cfg.beta, reduction="none")  # (B, P)
         loc_per_image = (loc_per_prior * pos).sum(dim=1)  # (B,)
         cls_per_image = (ce * (pos | hard_neg)).sum(dim=1)  # (B,)
