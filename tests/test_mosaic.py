@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from onestage.config import ConfigError, load_config
 from onestage.data.base import DetectionDataset, ImageRecord
-from onestage.data.mosaic import Mosaic, mosaic, tile_regions
+from onestage.data.mosaic import Mosaic, mosaic, mosaic_closed, tile_regions
 from onestage.data.transforms import EvalTransform
 
 COLOURS = [(200, 0, 0), (0, 200, 0), (0, 0, 200), (200, 200, 0)]
@@ -122,3 +122,12 @@ def test_config_turns_mosaic_on_for_training_only() -> None:
     assert build_mosaic(load_config(None, ["data.augment.mosaic=0.5", "data.augment.preset=none"])) is None
     with pytest.raises(ConfigError, match="mosaic"):
         load_config(None, ["data.augment.mosaic=1.5"])
+
+
+def test_mosaic_closes_for_the_last_fraction_of_steps() -> None:
+    assert not mosaic_closed(999, 1000, 0.0)  # 0: mosaic to the end
+    assert not mosaic_closed(799, 1000, 0.2)
+    assert mosaic_closed(800, 1000, 0.2)  # the last 20% of 1000 steps: steps 800..999
+    assert mosaic_closed(0, 1000, 1.0)
+    with pytest.raises(ConfigError, match="close_mosaic"):
+        load_config(None, ["data.augment.close_mosaic=-0.1"])

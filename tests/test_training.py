@@ -65,8 +65,10 @@ def test_overfit_few_images_loss_falls_and_map_rises(tmp_path):
 
 
 def test_resume_equals_straight_run(tmp_path):
+    # close_mosaic is decided at epoch starts: step 3 < 0.6 * 6 keeps mosaic on for epoch 2,
+    # and the run resumed at step 4 (past 3.6) must keep it on too
     base = ["train.epochs=2", "train.log_every=1", "data.train.num_images=12", "data.augment.preset=ssd",
-            "ema.enabled=true", "schedule.warmup_steps=2"]
+            "ema.enabled=true", "schedule.warmup_steps=2", "data.augment.mosaic=0.5", "data.augment.close_mosaic=0.4"]
     straight = tiny_cfg(tmp_path, *base, "train.name=straight")
     train(straight, tmp_path / "straight", progress=False)  # 2 epochs x 3 steps
 
@@ -82,6 +84,21 @@ def test_resume_equals_straight_run(tmp_path):
         torch.testing.assert_close(b["model"][key], value, rtol=1e-5, atol=1e-6, msg=key)
     for key, value in a["ema"]["shadow"].items():
         torch.testing.assert_close(b["ema"]["shadow"][key], value, rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_close_mosaic_turns_mosaic_off_for_the_last_part(tmp_path, monkeypatch):
+    from onestage.data.mosaic import Mosaic
+
+    made: list[int] = []
+    real_call = Mosaic.__call__
+    monkeypatch.setattr(Mosaic, "__call__", lambda self, tiles: made.append(1) or real_call(self, tiles))
+    # 12 images, batches of 4: 3 steps an epoch, 6 in all; every sample a mosaic until step 3
+    cfg = tiny_cfg(tmp_path, "train.epochs=2", "data.train.num_images=12", "data.augment.preset=ssd",
+                   "data.augment.mosaic=1.0", "data.augment.close_mosaic=0.5", "train.name=close")
+    train(cfg, tmp_path / "close", progress=False, max_steps=4)  # cut in epoch 2, mosaic closed
+    assert load_checkpoint(tmp_path / "close" / "last.pt")["mosaic_closed"] is True
+    train(cfg, tmp_path / "close", resume=True, progress=False)  # the rest of epoch 2: still closed
+    assert len(made) == 12  # epoch 1's samples only
 
 
 def test_nonfinite_loss_skipped_counted_then_stops(tmp_path, monkeypatch):
@@ -253,3 +270,5 @@ def test_plot_lr_writes_the_schedule(tmp_path, capsys):
     assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert str(png) in capsys.readouterr().out
     assert not (tmp_path / "lr" / "last.pt").exists()  # a preview: nothing trained
+    assert cli_main(["train", *args, "train.time_budget=5", "train.name=lr_budget", "--plot-lr"]) == 0
+    assert "train.time_budget is 5 min" in capsys.readouterr().out

@@ -153,6 +153,10 @@ class AugmentConfig(Strict):
     # probability that a training sample is a 4-image mosaic (onestage.data.mosaic), made
     # before the preset's pipeline; 0 = off (the SSD paper's recipe)
     mosaic: float = Field(0.0, ge=0, le=1)
+    # the last fraction of training runs without mosaic (YOLOX, Ge et al. 2021, section 2.2:
+    # the last 15 of 300 epochs), so that the final weights fit whole photographs as they come
+    # at test time; 0 = mosaic to the end
+    close_mosaic: float = Field(0.0, ge=0, le=1)
 
 
 class DataConfig(Strict):

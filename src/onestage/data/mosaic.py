@@ -98,3 +98,9 @@ class Mosaic:
     def __call__(self, tiles: list[Tile]) -> Tile:
         center = np.random.uniform(0.5 * self.size, 1.5 * self.size, size=2)
         return mosaic(tiles, self.size, (float(center[0]), float(center[1])), self.fill, self.min_visible)
+
+
+def mosaic_closed(step: int, total_steps: int, close_last: float) -> bool:
+    """Whether training at optimizer step ``step`` of ``total_steps`` is in its last
+    ``close_last`` fraction, where ``data.augment.close_mosaic`` turns mosaic off."""
+    return close_last > 0 and step >= (1.0 - close_last) * total_steps

@@ -38,6 +38,7 @@ import onestage
 from onestage.build import Detector, build_datasets, build_detector
 from onestage.config import Config, dump_config, load_config
 from onestage.data.base import DetectionDataset, collate
+from onestage.data.mosaic import mosaic_closed
 from onestage.engine import distributed as dist
 from onestage.engine.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from onestage.engine.ema import ModelEMA
@@ -160,6 +161,7 @@ class TrainState:
     nonfinite_in_row: int = 0
     nonfinite_total: int = 0
     elapsed: float = 0.0  # training seconds before this process (time budget)
+    mosaic_closed: bool = False  # data.augment.close_mosaic reached (decided at epoch starts)
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -208,6 +210,7 @@ def _checkpoint_state(
         "best_value": state.best_value,
         "nonfinite_total": state.nonfinite_total,
         "elapsed": elapsed,
+        "mosaic_closed": state.mosaic_closed,
         "history": state.history,
         "world_size": dist.world_size(),  # a mid-epoch position means nothing for another count
     }
@@ -261,6 +264,7 @@ def _train(
         if len(spec.problems):
             warn(f"[data] {split}: {spec.problems.summary()}")
     train_ds.seed = cfg.seed
+    train_mosaic = train_ds.mosaic  # switched off for the last part of training by close_mosaic
     detector = build_detector(
         cfg, train_ds.class_names, positives_normalizer=dist.positives_across_ranks if world > 1 else None
     )
@@ -316,6 +320,7 @@ def _train(
             step=ckpt["step"], epoch=ckpt["epoch"], batch_in_epoch=ckpt["batch_in_epoch"],
             best_value=ckpt["best_value"], nonfinite_total=ckpt["nonfinite_total"],
             elapsed=ckpt["elapsed"], history=list(ckpt["history"]),
+            mosaic_closed=bool(ckpt.get("mosaic_closed", False)),
         )
         set_rng_state(ckpt["rng"])  # rank 0's generators
         if rank > 0:  # the other ranks draw their own streams again, reproducibly
@@ -352,6 +357,13 @@ def _train(
             if budget_s is None and epoch >= cfg.train.epochs:
                 break
             train_ds.epoch = epoch
+            if state.batch_in_epoch == 0 and not state.mosaic_closed:
+                # Decided at epoch starts only (and kept in the checkpoint): a time-budget run
+                # re-plans its length every step, and a resumed epoch must see what it saw.
+                state.mosaic_closed = mosaic_closed(state.step, scheduler.total_steps, cfg.data.augment.close_mosaic)
+                if state.mosaic_closed and train_mosaic is not None:
+                    say(f"step {state.step}: mosaic off for the rest of training (data.augment.close_mosaic)")
+            train_ds.mosaic = None if state.mosaic_closed else train_mosaic
             sampler.set_epoch(epoch, start=state.batch_in_epoch * cfg.train.batch_size * world)
             bar = tqdm(
                 total=batches_per_epoch, initial=state.batch_in_epoch, disable=not progress, dynamic_ncols=True,
