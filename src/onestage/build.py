@@ -9,13 +9,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
-import torch
 from torch import Tensor, nn
 
 from onestage.config import Config, ConfigError, DatasetConfig
 from onestage.data.base import DetectionDataset, Transform
 from onestage.data.problems import DatasetSpec, DataError
 from onestage.engine.precision import should_force_fp32
+from onestage.models.layers import probe
 from onestage.postprocess import Detections
 
 if TYPE_CHECKING:
@@ -184,7 +184,7 @@ def _ssd_backbone_and_extras(cfg: Config, num_maps: int):
 
 def _backbone_map_sizes(backbone: nn.Module, size: int) -> list[int]:
     """Side of each backbone map for a square input, measured by one dummy forward."""
-    return [m.shape[-1] for m in _probe(backbone, size)]
+    return [m.shape[-1] for m in probe(backbone, size)]
 
 
 def build_ssd(
@@ -289,7 +289,7 @@ def build_yolov3(cfg: Config, class_names: list[str]) -> Detector:
         anchors, num_classes, score_threshold=_or(ev.score_threshold, 0.001), nms_iou=ev.nms_iou,
         max_detections=_or(ev.max_detections, 100), pre_nms_top_k=_or(ev.pre_nms_top_k, 1000),
     )
-    outputs = _probe(model, cfg.model.input_size)  # [(1, A, H, W, 5 + C)], coarsest first
+    outputs = probe(model, cfg.model.input_size)  # [(1, A, H, W, 5 + C)], coarsest first
     rows = [
         LayoutRow(f"scale {i} (stride {s})", (o.shape[2], o.shape[3]), len(g), 5 + num_classes)
         for i, (s, g, o) in enumerate(zip(model.strides, sizes, outputs))
@@ -326,16 +326,6 @@ def build_yolov1(cfg: Config, class_names: list[str]) -> Detector:
     return Detector(model, criterion, post, rows, class_names, "sigmoid confidence per box x softmax class probability per cell")
 
 
-def _probe(module: nn.Module, size: int):
-    """One forward of a zero (1, 3, size, size) image without gradients, in eval mode so that
-    BatchNorm statistics stay untouched; the module's mode is restored afterwards."""
-    was_training = module.training
-    module.eval()
-    try:
-        with torch.no_grad():
-            return module(torch.zeros(1, 3, size, size))
-    finally:
-        module.train(was_training)
 
 
 def _force_fp32(cfg: Config) -> Callable[[str], bool]:

@@ -31,6 +31,9 @@ from dataclasses import dataclass
 from typing import Literal, Sequence
 
 import numpy as np
+import torch
+
+from onestage.boxes import box_iou
 
 VocMetric = Literal["area", "11point"]
 
@@ -87,18 +90,15 @@ def voc_ap(recall: np.ndarray, precision: np.ndarray, metric: VocMetric = "area"
 def iou_matrix(boxes1: np.ndarray, boxes2: np.ndarray, legacy: bool = False) -> np.ndarray:
     """(K, 4) xyxy x (N, 4) xyxy -> (K, N) float64 IoU; zero union gives 0.
 
-    ``legacy``: the old devkit's pixel-inclusive convention, width = x2 - x1 + 1.
+    ``legacy``: the old devkit's pixel-inclusive convention, width = x2 - x1 + 1 (the boxes
+    grow by one pixel to the right and down, then the shared ``box_iou`` in float64).
     """
-    a = np.asarray(boxes1, dtype=np.float64).reshape(-1, 4)
-    b = np.asarray(boxes2, dtype=np.float64).reshape(-1, 4)
-    one = 1.0 if legacy else 0.0
-    area_a = np.clip(a[:, 2] - a[:, 0] + one, 0, None) * np.clip(a[:, 3] - a[:, 1] + one, 0, None)  # (K,)
-    area_b = np.clip(b[:, 2] - b[:, 0] + one, 0, None) * np.clip(b[:, 3] - b[:, 1] + one, 0, None)  # (N,)
-    iw = np.clip(np.minimum(a[:, None, 2], b[None, :, 2]) - np.maximum(a[:, None, 0], b[None, :, 0]) + one, 0, None)
-    ih = np.clip(np.minimum(a[:, None, 3], b[None, :, 3]) - np.maximum(a[:, None, 1], b[None, :, 1]) + one, 0, None)
-    inter = iw * ih  # (K, N)
-    union = area_a[:, None] + area_b[None, :] - inter
-    return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+    a = torch.from_numpy(np.asarray(boxes1, dtype=np.float64).reshape(-1, 4))
+    b = torch.from_numpy(np.asarray(boxes2, dtype=np.float64).reshape(-1, 4))
+    if legacy:
+        grow = torch.tensor([0.0, 0.0, 1.0, 1.0], dtype=torch.float64)
+        a, b = a + grow, b + grow
+    return box_iou(a, b, dtype=torch.float64).numpy()
 
 
 @dataclass(frozen=True)

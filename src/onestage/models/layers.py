@@ -7,7 +7,7 @@ torchvision's ``state_dict`` keys (``features.0.0.weight``, ``features.0.1.runni
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -72,3 +72,18 @@ class L2Norm(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         normalized = F.normalize(x.float(), p=2.0, dim=1, eps=self.eps)
         return (normalized * self.weight.float().view(1, -1, 1, 1)).to(x.dtype)
+
+
+def probe(module: nn.Module, size: int, forward: Callable[[Tensor], Any] | None = None) -> Any:
+    """``forward`` (default: the module itself) on one zero (1, 3, size, size) image, on the
+    module's device and dtype, without gradients and in eval mode so that BatchNorm
+    statistics stay untouched; the module's mode is restored afterwards. Measures the map
+    sizes a stack of layers gives, instead of restating its arithmetic."""
+    param = next(module.parameters())
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.no_grad():
+            return (forward or module)(torch.zeros(1, 3, size, size, device=param.device, dtype=param.dtype))
+    finally:
+        module.train(was_training)

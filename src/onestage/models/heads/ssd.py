@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from onestage.models.backbones.base import Backbone
 from onestage.models.backbones.mobilenet_v2 import MobileNetV2Backbone
 from onestage.models.backbones.vgg16 import VGG16Backbone
-from onestage.models.layers import ActFactory, conv_bn_act, depthwise_separable
+from onestage.models.layers import ActFactory, conv_bn_act, depthwise_separable, probe
 
 # Reference SSD300 layout (SSD paper, Fig. 2; ssd.pytorch ``extras``): conv8_2 .. conv11_2.
 VGG16_EXTRA_CHANNELS: tuple[int, ...] = (512, 256, 256, 256)
@@ -286,17 +286,10 @@ class SSD(nn.Module):
         ``torch.no_grad`` and restores the previous mode. An input too small for the layers
         (a 3x3 conv without padding on a 1x1 map) is a ``ValueError`` naming the size.
         """
-        param = next(self.parameters())
-        was_training = self.training
-        self.eval()
         try:
-            with torch.no_grad():
-                dummy = torch.zeros(1, 3, input_size, input_size, device=param.device, dtype=param.dtype)
-                maps = self.feature_maps(dummy)
+            maps = probe(self, input_size, self.feature_maps)
         except RuntimeError as exc:
             raise ValueError(f"input size {input_size} is too small for this SSD's layers: {exc}") from exc
-        finally:
-            self.train(was_training)
         return [(m.shape[-2], m.shape[-1]) for m in maps]
 
 
