@@ -161,6 +161,11 @@ def _plot_lr(cfg: Config, run_dir: Path) -> int:
     train_ds, *_ = build_datasets(cfg)
     steps = cfg.train.epochs * max(1, (len(train_ds) // cfg.train.batch_size) // cfg.train.accumulate)
     out = plot_lr(lr_curve(cfg.schedule, cfg.optim.lr, steps), run_dir / "lr.png")
+    if cfg.train.time_budget:
+        # The real length is known only once the first steps measure the pace.
+        print(f"train.time_budget is {cfg.train.time_budget:g} min: training stretches this shape over the "
+              f"steps the budget allows at the measured pace; the preview assumes {steps} steps "
+              f"(train.epochs={cfg.train.epochs}); metrics.csv logs the learning rate actually used")
     print(out)
     return 0
 
