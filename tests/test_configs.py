@@ -30,3 +30,4 @@ def test_raccoon_config_is_the_measured_recipe() -> None:
     assert cfg.matcher.neg_iou == cfg.matcher.pos_iou == 0.5  # no ignore band
     mosaic = build_mosaic(cfg)
     assert mosaic is not None and mosaic.p == 0.5 and mosaic.size == cfg.model.input_size
+    assert cfg.data.augment.close_mosaic == 0.2
