@@ -326,8 +326,6 @@ def build_yolov1(cfg: Config, class_names: list[str]) -> Detector:
     return Detector(model, criterion, post, rows, class_names, "sigmoid confidence per box x softmax class probability per cell")
 
 
-
-
 def _force_fp32(cfg: Config) -> Callable[[str], bool]:
     precision = cfg.precision
 
