@@ -35,7 +35,8 @@ from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
 import onestage
-from onestage.build import Detector, build_datasets, build_detector
+from onestage.build import build_datasets, build_detector
+from onestage.families import Detector
 from onestage.config import Config, dump_config, load_config
 from onestage.data.base import DetectionDataset, collate
 from onestage.data.mosaic import mosaic_closed
