@@ -246,7 +246,11 @@ class TrainConfig(Strict):
     # Images per process and per forward pass: with torchrun, each of the N processes (GPUs)
     # takes this many, so one optimizer step sees batch_size x N x accumulate images.
     batch_size: int = Field(16, ge=1)
-    time_budget: float | None = Field(None, gt=0)  # minutes; stretches the schedule over it
+    # minutes of wall time for the whole run (set-up, steps, validation, the final evaluation);
+    # the schedule stretches over the steps it affords at the measured pace (engine/budget.py)
+    time_budget: float | None = Field(None, gt=0)
+    # with a time budget: the largest share of the time spent that validation may take
+    val_budget_share: float = Field(0.1, gt=0, le=1)
     grad_clip: float | None = Field(10.0, gt=0)  # max gradient norm; null disables
     accumulate: int = Field(1, ge=1)  # gradient accumulation steps
     eval_every: int = Field(1, ge=1)  # epochs between validations
