@@ -24,6 +24,7 @@ def test_shipped_config_validates(path: Path) -> None:
     assert cfg.model.input_size >= 32
 
 
+@pytest.mark.datasets
 def test_raccoon_config_is_the_measured_recipe() -> None:
     cfg = load_config(ROOT / "configs" / "raccoon_ssdlite.yaml")
     assert cfg.train.time_budget == 20 and cfg.precision.amp and cfg.precision.channels_last

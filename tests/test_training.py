@@ -198,6 +198,7 @@ def test_cli_train_eval_predict(tmp_path, capsys):
     assert len(dets) == 4 and all("detections" in d for d in dets)
 
 
+@pytest.mark.datasets
 def test_raccoon_voc_one_epoch(tmp_path):
     """The MobileNetV2-SSD VOC config trains an epoch on the real raccoon photographs."""
     cfg = load_config(ROOT / "configs" / "ssd300_mobilenetv2_voc.yaml", [
