@@ -68,6 +68,8 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--size", type=int, help="network input size (default: model.input_size)")
     a.add_argument("--threshold", type=float, default=0.5, help="assignment IoU threshold for the coverage share")
 
+    _add_explore_parsers(sub)
+
     d = sub.add_parser("data", help="dataset tools")
     dsub = d.add_subparsers(dest="data_command", required=True)
     c = dsub.add_parser("check", help="read a dataset once and report what is in it and what is wrong")
@@ -77,6 +79,13 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--out", type=Path, default=Path("data_check"), help="folder for the sample grid")
     c.add_argument("--augment", type=int, default=0, metavar="N", help="also draw N augmented samples")
     return p
+
+
+def _add_explore_parsers(sub) -> None:
+    from onestage.explore_cli import add_assign_parser, add_compare_parser
+
+    add_assign_parser(sub)
+    add_compare_parser(sub)
 
 
 def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
@@ -121,6 +130,10 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_inspect(args)
         if args.command == "anchors":
             return cmd_anchors(args)
+        if args.command in ("assign", "compare"):
+            from onestage.explore_cli import run_explore_command
+
+            return run_explore_command(args)
         if args.command == "data" and args.data_command == "check":
             return cmd_data_check(args)
     except ConfigError as exc:
