@@ -182,7 +182,8 @@ def measure_run(run_dir: Path, assign_images: str, progress: bool) -> tuple[dict
 
 # ----------------------------------------------------------------------------- the table
 def _f(x: float | None, digits: int = 3) -> str:
-    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+    """A number, or "-" for none, NaN and COCO's -1 (no object of that size)."""
+    return "-" if x is None or math.isnan(x) or x < 0 else f"{x:.{digits}f}"
 
 
 def _terms(shares: dict[str, dict[str, float]]) -> str:
