@@ -146,7 +146,7 @@ def test_yolov1_panel_names_the_responsible_predictor():
     raw[0, 3, 3, 5 + 2] = raw[0, 3, 3, 5 + 3] = float(np.log(0.3**0.5 / (1 - 0.3**0.5)))
     a, _ = analyse_batch(fam, fam.candidate_boxes(), boxes, labels, raw)
     (panel,) = build_panels(fam.layout(), fam.candidate_boxes(), a.roles[0], boxes[0], a.valid[0], 128)
-    assert panel.slot.tolist() == [1]
+    assert panel.slot.tolist() == [1] and panel.shares_box.tolist() == [True]
     np.testing.assert_allclose(panel.positives[0], [96, 96, 128, 128])  # the cell holding the centre, in pixels
 
 

@@ -79,7 +79,9 @@ def train_all(
         run_dir.mkdir(parents=True, exist_ok=True)
         print(f"[compare] training {name} ({cfg.model.arch} on {cfg.model.backbone}, input {cfg.model.input_size}, "
               f"seed {seed}, budget {cfg.train.time_budget} min) in {run_dir}", file=sys.stderr)
-        train(cfg, run_dir, progress=progress, max_steps=max_steps)
+        summary = train(cfg, run_dir, progress=progress, max_steps=max_steps)
+        if summary["stop_reason"] == "terminated":  # SIGTERM / Ctrl-C: stop the whole comparison
+            raise KeyboardInterrupt(f"compare: training of {name} was interrupted; {run_dir} can be resumed")
         run_dirs.append(run_dir)
     return run_dirs, notes
 

@@ -226,9 +226,10 @@ def format_summary(s: dict[str, Any]) -> str:
         f"WITHOUT ANY POSITIVE: {s['no_positive']}" + ("  <-- these objects are never trained on" if s["no_positive"] else ""),
         f"ignored candidates per image: mean {s['ignored_per_image']['mean']:.1f}, median {s['ignored_per_image']['median']:g}"
         if s["ignored_per_image"]["mean"] is not None else "ignored candidates per image: -",
+        f"ignore rule: {s['ignore_rule']}" if s.get("ignore_rule") else "",
         f"positive : negative  before mining {s['pos_neg_before']}, after {s['pos_neg_after']}  ({s.get('mining', '')})",
     ]
-    return "\n".join(lines)
+    return "\n".join(line for line in lines if line)
 
 
 def plot_histograms(summary: dict[str, Any], family_name: str, out_png: Path) -> Path:
@@ -268,6 +269,7 @@ class Panel:
     positives: np.ndarray  # (K, 4) xyxy px: the positive candidates' prior / anchor / cell
     owner: np.ndarray  # (K,) slot index of the object each positive belongs to
     slot: np.ndarray  # (K,) rank among candidates of this map with the same box (YOLOv1: predictor)
+    shares_box: np.ndarray  # (K,) bool: other candidates of the map have the same box (label the slot)
     ignored: np.ndarray  # (I, 4) xyxy px
     hard_negatives: np.ndarray  # (H, 4) xyxy px
 
@@ -287,11 +289,12 @@ def build_panels(
         # rank among identical boxes of the map with a lower index: which predictor of a cell it is
         same = (cand[pos][:, None, :] == cand[None, :, :]).all(dim=-1)  # (K, N_map)
         slot = (same & (torch.arange(len(cand))[None, :] < pos[:, None])).sum(dim=1)
+        shares_box = same.sum(dim=1) > 1
         hard = hard_negative[s:e] if hard_negative is not None else torch.zeros_like(r, dtype=torch.bool)
         panels.append(Panel(
             title=f"{row.name}: {row.grid[0]}x{row.grid[1]} x {row.anchors_per_cell}", grid=row.grid, size=size,
             gt=gt_px, gt_index=gt_index.numpy(), positives=(cand[pos] * size).numpy(), owner=r[pos].numpy(),
-            slot=slot.numpy(), ignored=(cand[r == IGNORE] * size).numpy(), hard_negatives=(cand[hard] * size).numpy(),
+            slot=slot.numpy(), shares_box=shares_box.numpy(), ignored=(cand[r == IGNORE] * size).numpy(), hard_negatives=(cand[hard] * size).numpy(),
         ))
     return panels
 
@@ -322,9 +325,9 @@ def draw_assignment(image: np.ndarray, panels: Sequence[Panel], labels: Sequence
             _rect(ax, box, edgecolor=(0.9, 0.9, 0.9), linewidth=0.8, linestyle=":", alpha=0.8)
         for box in p.hard_negatives:
             _rect(ax, box, edgecolor=(0.9, 0.1, 0.1), linewidth=0.5, linestyle="--", alpha=0.6)
-        for box, owner, slot in zip(p.positives, p.owner, p.slot):
+        for box, owner, slot, shares in zip(p.positives, p.owner, p.slot, p.shares_box):
             _rect(ax, box, edgecolor=_object_colour(int(owner)), linewidth=1.0, alpha=0.9)
-            if (p.positives == box).all(axis=1).sum() == 1 and slot > 0:  # a cell's predictor other than the first
+            if shares:  # a cell's predictors share one box (YOLOv1): name the responsible one
                 ax.text(box[0] + 2, box[3] - 2, f"pred {slot}", fontsize=6, color=_object_colour(int(owner)))
         for box, m in zip(p.gt, p.gt_index):
             _rect(ax, box, edgecolor=_object_colour(int(m)), linewidth=2.2)
