@@ -177,8 +177,21 @@ def test_one_very_slow_step_ends_that_dtype(monkeypatch) -> None:
     timings = measure_precision_modes(_net(), (2, 3, 8, 8), CPU, train=True, modes=calibration_modes(AUTO, AVX2),
                                       time_limit=1e9, max_steps=3)
     assert timings == {"fp32+channels_last": 1.0, "fp32": 1.0, "bf16+channels_last": 20.0}
-    # fp32: one warmup + max_steps timed steps per layout; bf16: its first (warmup) step was enough
-    assert calls == ["fp32+channels_last"] * 4 + ["fp32"] * 4 + ["bf16+channels_last"]
+    # Round 0 warms up, bf16's first step was enough; then max_steps rounds of the two fp32 layouts.
+    assert calls == ["fp32+channels_last", "fp32", "bf16+channels_last"] + ["fp32+channels_last", "fp32"] * 3
+
+
+def test_rounds_stop_at_the_time_limit_after_one_timed_round(monkeypatch) -> None:
+    now = [0.0]
+
+    def fake_step(model, images, dtype, device, train, clock) -> float:
+        now[0] += 1.0  # every step takes one second of the fake clock
+        return 1.0
+
+    monkeypatch.setattr(calibrate, "_timed_step", fake_step)
+    timings = measure_precision_modes(_net(), (2, 3, 8, 8), CPU, train=False, modes=calibration_modes(AUTO, AVX2),
+                                      time_limit=6.0, max_steps=3, clock=lambda: now[0])
+    assert len(timings) == 4 and now[0] == 8.0  # warmup round + one timed round: 8 s > 6 s, stop
 
 
 # ----------------------------------------------------------------------------- the cache

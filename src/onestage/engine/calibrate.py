@@ -41,8 +41,8 @@ from onestage.config import PrecisionConfig
 AMP_MIN_SPEEDUP = 1.1  # auto leaves fp32 only for a clear gain: bf16 changes numerics, timings are noisy
 SLOW_WARNING_RATIO = 1.5  # an explicit choice measured this much slower than the alternative warns
 SLOW_STOP_FACTOR = 10.0  # one step this many times the best one so far ends that dtype's measurement
-DEFAULT_TIME_LIMIT = 6.0  # seconds for the whole calibration (every mode), warmup steps excluded
-DEFAULT_MAX_STEPS = 3  # timed steps per mode at most (after one warmup step)
+DEFAULT_TIME_LIMIT = 6.0  # seconds for the whole calibration; at least one warmup and one timed step per mode
+DEFAULT_MAX_STEPS = 3  # timed steps per mode at most (after one warmup step each)
 CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
 NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 # oneDNN ISA caps (ONEDNN_MAX_CPU_ISA) below AVX512_CORE_BF16: bf16 convolutions are emulated.
@@ -361,28 +361,14 @@ def _timed_step(
     return elapsed
 
 
-def _time_mode(
-    model: nn.Module, images: Tensor, mode: Mode, device: torch.device, train: bool, *,
-    budget: float, max_steps: int, give_up_after: float, clock: Callable[[], float],
-) -> tuple[float, bool]:
-    """(median seconds per step, stopped early) for one mode: one warmup step, then up to
-    ``max_steps`` timed ones within ``budget`` seconds. A step slower than ``give_up_after``
-    (the warmup one included) ends it at once: that alone shows the mode is far too slow."""
+def _step_in_mode(
+    model: nn.Module, images: Mapping[bool, Tensor], mode: Mode, device: torch.device, train: bool,
+    clock: Callable[[], float],
+) -> float:
+    """One timed step in ``mode``; the model is put in the mode's memory format first (untimed)."""
     dtype, channels_last = mode
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    model.to(memory_format=fmt)
-    x = images.contiguous(memory_format=fmt)
-    times: list[float] = []
-    start = clock()
-    for i in range(max_steps + 1):
-        t = _timed_step(model, x, dtype, device, train, clock)
-        if t > give_up_after:
-            return t, True
-        if i > 0:  # the first step warms up the allocator and oneDNN's kernels
-            times.append(t)
-        if times and clock() - start >= budget:
-            break
-    return statistics.median(times), False
+    model.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    return _timed_step(model, images[channels_last], dtype, device, train, clock)
 
 
 def measure_precision_modes(
@@ -396,34 +382,43 @@ def measure_precision_modes(
     max_steps: int = DEFAULT_MAX_STEPS,
     clock: Callable[[], float] = time.perf_counter,
 ) -> dict[str, float]:
-    """Seconds per step of ``model`` in each mode, on a deep copy: the caller's model (weights,
-    BN statistics, grads, memory format, train/eval mode) and the global RNG are untouched.
+    """Seconds per step of ``model`` in each mode (median), on a deep copy: the caller's model
+    (weights, BN statistics, grads, memory format, train/eval mode) and the global RNG are untouched.
 
-    ``batch_shape``: (B, 3, H, W) of the run. Each mode gets ``time_limit / len(modes)`` seconds
-    and at least one timed step. Once a step of some dtype takes ``SLOW_STOP_FACTOR`` times the
-    best step so far, that step is its figure and its other memory format is not measured.
+    ``batch_shape``: (B, 3, H, W) of the run. The modes take turns, one step each per round, so
+    that a shared machine's changing load falls on all of them alike. Round 0 warms up (allocator,
+    oneDNN kernels) and is not counted; then rounds run until ``time_limit`` seconds have passed
+    (warmup included) or ``max_steps`` rounds, at least one. A step taking ``SLOW_STOP_FACTOR``
+    times the fastest comparable step so far (warmup against warmup) ends its dtype at once: that
+    step is its figure, and its other memory format is not measured.
     """
     work = copy.deepcopy(model).to(device)
     work.train(train)
     work.zero_grad(set_to_none=True)
-    images = torch.randn(batch_shape, generator=torch.Generator().manual_seed(0)).to(device)
-    timings: dict[str, float] = {}
-    hopeless: set[torch.dtype | None] = set()
-    best = math.inf
+    x = torch.randn(batch_shape, generator=torch.Generator().manual_seed(0)).to(device)
+    images = {False: x, True: x.contiguous(memory_format=torch.channels_last)}
+    warmup: dict[Mode, float] = {}
+    timed: dict[Mode, list[float]] = {m: [] for m in modes}
+    dropped: dict[Mode, float] = {}
+    start = clock()
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # dropout draws
-        for mode in modes:
-            if mode[0] in hopeless:
-                continue
-            seconds, stopped = _time_mode(
-                work, images, mode, device, train, budget=time_limit / len(modes), max_steps=max_steps,
-                give_up_after=SLOW_STOP_FACTOR * best, clock=clock,
-            )
-            timings[mode_key(*mode)] = seconds
-            if stopped:
-                hopeless.add(mode[0])
-            else:
-                best = min(best, seconds)
-    return timings
+        for round_ in range(max_steps + 1):
+            for mode in modes:
+                if any(d[0] == mode[0] for d in dropped):
+                    continue
+                seconds = _step_in_mode(work, images, mode, device, train, clock)
+                so_far = list(warmup.values()) if round_ == 0 else [t for ts in timed.values() for t in ts]
+                if seconds > SLOW_STOP_FACTOR * min(so_far, default=math.inf):
+                    dropped[mode] = seconds
+                elif round_ == 0:
+                    warmup[mode] = seconds
+                else:
+                    timed[mode].append(seconds)
+            if round_ >= 1 and clock() - start >= time_limit:
+                break
+    timings = {mode_key(*m): statistics.median(ts) for m, ts in timed.items() if ts}
+    timings.update({mode_key(*m): t for m, t in dropped.items()})
+    return {mode_key(*m): timings[mode_key(*m)] for m in modes if mode_key(*m) in timings}  # in ``modes`` order
 
 
 # ----------------------------------------------------------------------------- the cache
