@@ -225,7 +225,7 @@ def _load_for_eval(cfg: Config, checkpoint: Path):
     from onestage.api import load_detector
     from onestage.build import build_eval_dataset, read_dataset
 
-    loaded = load_detector(checkpoint, config=cfg)
+    loaded = load_detector(checkpoint, config=cfg, batch_size=cfg.train.batch_size)
     val_spec = read_dataset(loaded.cfg.data.val, loaded.cfg, class_names=loaded.class_names)
     val_ds = build_eval_dataset(loaded.cfg, val_spec, loaded.class_names)
     return loaded.detector, loaded.cfg, val_ds, val_spec, loaded.device
@@ -352,7 +352,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         args.config, args.checkpoint, args.inputs = args.checkpoint, args.inputs[0], args.inputs[1:]
         if not args.inputs:
             raise ConfigError("predict: give images or folders after the checkpoint")
-    det = load_detector(args.checkpoint, config=args.config, overrides=args.overrides)
+    det = load_detector(args.checkpoint, config=args.config, overrides=args.overrides, batch_size=args.batch_size)
     files = _collect_images(args.inputs)
     args.out.mkdir(parents=True, exist_ok=True)
     predictions = []
@@ -419,6 +419,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------- doctor
 def cmd_doctor(args: argparse.Namespace) -> int:
+    import torch
+
     from onestage.doctor import config_report, format_report, machine_report
 
     machine = machine_report()
