@@ -137,6 +137,19 @@ def inference_latency(loaded: Any, images: torch.Tensor, repeats: int = 5) -> di
     return {"batch": len(images), "forward_s": f, "decode_nms_s": d, "total_s": f + d, "decode_share": d / (f + d)}
 
 
+def _precision_words(amp: Any, dtype: Any) -> str:
+    return f"{dtype} autocast" if amp is True else ("fp32" if amp is False else f"amp {amp}")
+
+
+def training_precision(run_dir: Path) -> str:
+    """The precision the run trained in (its precision.json, written when it was chosen by measurement)."""
+    path = run_dir / "precision.json"
+    if not path.exists():
+        return "as configured"
+    decision = json.loads(path.read_text())
+    return _precision_words(decision.get("amp"), decision.get("dtype"))
+
+
 def measure_run(run_dir: Path, assign_images: str, progress: bool) -> tuple[dict[str, Any], Any]:
     """Every number of one model's column; also (loaded detector, val dataset, detections) for the figure."""
     from onestage.api import load_detector
@@ -170,7 +183,7 @@ def measure_run(run_dir: Path, assign_images: str, progress: bool) -> tuple[dict
         "run": str(run_dir), "checkpoint": ckpt.name, "arch": cfg.model.arch, "backbone": cfg.model.backbone,
         "input_size": cfg.model.input_size, "seed": cfg.seed, "budget_min": cfg.train.time_budget,
         "steps": int(rows[-1]["step"]) if rows else 0, "train_minutes": float(rows[-1]["time_s"]) / 60 if rows else 0.0,
-        "precision": f"amp {cfg.precision.dtype}" if cfg.precision.amp else "fp32",
+        "precision": {"training": training_precision(run_dir), "inference": _precision_words(cfg.precision.amp, cfg.precision.dtype)},
         "outputs": info, "family": det.family.name, "background_is_a_class": det.family.background_is_a_class,
         "assignment": {k: v for k, v in assignment.items() if k != "objects"},
         "loss": loss_shares(rows), "train_images_per_s": training_speed(rows),
@@ -206,7 +219,8 @@ def _cell_rows(m: dict[str, Any]) -> list[tuple[str, str, str]]:
     return [
         ("setup", "architecture", f"{m['arch']} on {m['backbone']}"),
         ("setup", "input, seed, budget", f"{m['input_size']} px, seed {m['seed']}, {m['budget_min']} min"),
-        ("setup", "trained", f"{m['steps']} steps in {m['train_minutes']:.1f} min ({m['precision']})"),
+        ("setup", "trained", f"{m['steps']} steps in {m['train_minutes']:.1f} min ({m['precision']['training']}; "
+                             f"inference {m['precision']['inference']})"),
         ("outputs", "maps (grid x anchors)", " ".join(f"{r['grid'][0]}x{r['grid'][1]}x{r['anchors_per_cell']}" for r in maps)),
         ("outputs", "candidates", f"{o['total_candidates']:,}"),
         ("outputs", "values per candidate", f"{values}" + (f" + {shared} shared per cell" if shared else "")),
