@@ -171,7 +171,7 @@ def _tiny_run(tmp_path: Path, arch: str) -> Path:
              "yolov1": ["model.yolov1.hidden=16"]}[arch]
     cfg = load_config(ROOT / f"configs/compare/{arch}_shapes.yaml", [
         "model.width_mult=0.25", "model.input_size=96", "data.train.num_images=16", "data.val.num_images=4",
-        "train.batch_size=4", "train.time_budget=null", "train.epochs=1", f"train.out_dir={tmp_path}", *extra])
+        "train.batch_size=4", "train.time_budget=null", "train.epochs=1", "precision.amp=false", f"train.out_dir={tmp_path}", *extra])
     run_dir = tmp_path / arch
     run_dir.mkdir()
     train(cfg, run_dir, progress=False, max_steps=1)
