@@ -343,7 +343,7 @@ def draw_assignment(image: np.ndarray, panels: Sequence[Panel], labels: Sequence
         ax.set_yticks([])
     fig.suptitle(title + "\nthick: ground truth; thin, same colour: its positive candidates; grey dotted: ignored; "
                  "red dashed: hard negatives", fontsize=8)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.5 / fig.get_figheight()))  # room for the two-line title
     out_png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out_png)
     return out_png
