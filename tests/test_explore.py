@@ -178,11 +178,23 @@ def _tiny_run(tmp_path: Path, arch: str) -> Path:
     return run_dir
 
 
-def test_compare_two_runs_gives_every_row_for_each_model(tmp_path):
+@pytest.fixture
+def no_calibration(monkeypatch):
+    """Precision as configured (fp32 here), without the timing runs of ``precision.amp: auto``."""
+    from onestage.engine import calibrate, trainer
+
+    def as_configured(cfg, model, shape, device, **kwargs):
+        return calibrate.decide_precision(cfg, calibrate.device_kind(torch.device(device)), {})
+
+    monkeypatch.setattr(calibrate, "resolve_precision", as_configured)
+    monkeypatch.setattr(trainer, "resolve_precision", as_configured)
+
+
+def test_compare_two_runs_gives_every_row_for_each_model(tmp_path, no_calibration):
     runs = [_tiny_run(tmp_path, "ssdlite"), _tiny_run(tmp_path, "yolov3")]
     out = tmp_path / "cmp"
     assert cli_main(["compare", "--runs", *map(str, runs), "--out", str(out), "--assign-images", "4", "--draw", "2",
-                     "--no-progress"]) == 0
+                     "--latency-repeats", "1", "--no-progress"]) == 0
     data = json.loads((out / "compare.json").read_text())
     assert data["models"] == ["ssdlite", "yolov3"]
     assert [r["row"] for r in data["table"]] == ROWS

@@ -150,7 +150,7 @@ def training_precision(run_dir: Path) -> str:
     return _precision_words(decision.get("amp"), decision.get("dtype"))
 
 
-def measure_run(run_dir: Path, assign_images: str, progress: bool) -> tuple[dict[str, Any], Any]:
+def measure_run(run_dir: Path, assign_images: str, progress: bool, repeats: int = 5) -> tuple[dict[str, Any], Any]:
     """Every number of one model's column; also (loaded detector, val dataset, detections) for the figure."""
     from onestage.api import load_detector
     from onestage.build import build_eval_dataset, read_dataset
@@ -189,7 +189,7 @@ def measure_run(run_dir: Path, assign_images: str, progress: bool) -> tuple[dict
         "loss": loss_shares(rows), "train_images_per_s": training_speed(rows),
         "accuracy": result_to_json(result), "errors": {k: v for k, v in errors.items() if k != "per_class"},
         "errors_per_class": errors["per_class"],
-        "latency": [inference_latency(loaded, batch16[:1]), inference_latency(loaded, batch16)],
+        "latency": [inference_latency(loaded, batch16[:1], repeats), inference_latency(loaded, batch16, repeats)],
         "stability": STABILITY_NA,
     }
     return column, (loaded, val_ds, dets)
@@ -320,6 +320,7 @@ def write_html_report(out_dir: Path, table: list[dict[str, str]], figures: list[
 def compare(
     configs: Sequence[Path], out_dir: Path, budget: float | None = None, runs: Sequence[Path] | None = None,
     assign_images: str = "200", draw: int = 4, max_steps: int | None = None, progress: bool = True,
+    latency_repeats: int = 5,
 ) -> Path:
     """Train (or take ``runs``), measure, write the table and figures; returns ``compare.md``."""
     from onestage.explore import plot_histograms
@@ -338,7 +339,7 @@ def compare(
     columns, models = {}, {}
     for name, run_dir in zip(names, run_dirs):
         print(f"[compare] measuring {name} ({run_dir})", file=sys.stderr)
-        columns[name], models[name] = measure_run(Path(run_dir), assign_images, progress)
+        columns[name], models[name] = measure_run(Path(run_dir), assign_images, progress, latency_repeats)
     table = build_table(columns)
     figures = [draw_side_by_side(models, out_dir / "detections.png", draw)]
     figures += [plot_histograms(c["assignment"]["summary"], f"{n} ({c['family']})", out_dir / f"assign_{n}.png")

@@ -41,6 +41,7 @@ def add_compare_parser(sub) -> None:
     c.add_argument("--runs", type=Path, nargs="+", help="finished run folders to measure instead of training")
     c.add_argument("--assign-images", default="200", help="training images the assignment rows count ('all' or N; default 200)")
     c.add_argument("--draw", type=int, default=4, help="validation images drawn side by side (default 4)")
+    c.add_argument("--latency-repeats", type=int, default=5, help="timed passes per latency (median; default 5)")
     c.add_argument("--max-steps", type=int, help=argparse.SUPPRESS)  # smoke tests
     c.add_argument("--no-progress", action="store_true")
     c.set_defaults(overrides=[])
@@ -77,6 +78,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     table_md = compare(
         [Path(c) for c in args.configs], args.out, budget=args.budget, runs=args.runs,
         assign_images=args.assign_images, draw=args.draw, max_steps=args.max_steps, progress=not args.no_progress,
+        latency_repeats=args.latency_repeats,
     )
     print(table_md.read_text())
     print(f"[compare] table, JSON and figures in {args.out}", file=sys.stderr)
