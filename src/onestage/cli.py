@@ -203,10 +203,12 @@ def _plot_lr(cfg: Config, run_dir: Path) -> int:
 def _finish_run(cfg: Config, run_dir: Path, summary: dict) -> None:
     """After training: plots, final evaluation of the best checkpoint with its table, drawings."""
     from onestage.engine.plots import plot_training_curves
+    from onestage.engine.trainer import load_run_config
 
     plot_training_curves(run_dir / "metrics.csv", run_dir / "plots")
     best = run_dir / "best.pt" if (run_dir / "best.pt").exists() else run_dir / "last.pt"
-    detector, cfg, val_ds, _, device = _load_for_eval(cfg, best)
+    # The run's resolved config: the precision training measured, not measured again (time budget).
+    detector, cfg, val_ds, _, device = _load_for_eval(load_run_config(run_dir), best, measure_precision=False)
     result, dets = _evaluate_and_report(cfg, detector, val_ds, device, run_dir / "eval", progress=True)
     (run_dir / "eval" / "metrics.json").write_text(json.dumps({"checkpoint": str(best), **result.metrics, **summary}, indent=2))
     _draw_dataset_predictions(cfg, detector, val_ds, dets, run_dir / "predictions")
@@ -216,7 +218,7 @@ def _finish_run(cfg: Config, run_dir: Path, summary: dict) -> None:
 
 
 # ----------------------------------------------------------------------------- eval
-def _load_for_eval(cfg: Config, checkpoint: Path):
+def _load_for_eval(cfg: Config, checkpoint: Path, measure_precision: bool = True):
     """(detector, the inference config, val dataset, its spec, device) for evaluating ``checkpoint``.
 
     The architecture and the input transform are the checkpoint's (``onestage.api``); CONFIG
@@ -225,7 +227,7 @@ def _load_for_eval(cfg: Config, checkpoint: Path):
     from onestage.api import load_detector
     from onestage.build import build_eval_dataset, read_dataset
 
-    loaded = load_detector(checkpoint, config=cfg, batch_size=cfg.train.batch_size)
+    loaded = load_detector(checkpoint, config=cfg, batch_size=cfg.train.batch_size, measure_precision=measure_precision)
     val_spec = read_dataset(loaded.cfg.data.val, loaded.cfg, class_names=loaded.class_names)
     val_ds = build_eval_dataset(loaded.cfg, val_spec, loaded.class_names)
     return loaded.detector, loaded.cfg, val_ds, val_spec, loaded.device
