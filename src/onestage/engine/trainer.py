@@ -344,6 +344,8 @@ def _set_up(cfg: Config, run_dir: Path, resume: bool, progress: bool, device: to
     if cfg.precision.channels_last:
         model = model.to(memory_format=torch.channels_last)
     detector.criterion.to(device)
+    # DDP copies rank 0's weights to every rank here: before the EMA takes its first copy.
+    ddp_model = dist.wrap_ddp(model, device)  # the training forward only; `model` stays the bare one
     if main:
         (run_dir / "config.yaml").write_text(dump_config(cfg))
 
@@ -360,7 +362,7 @@ def _set_up(cfg: Config, run_dir: Path, resume: bool, progress: bool, device: to
     run = Run(
         cfg=cfg, run_dir=run_dir, device=device, world=world, main=main, progress=progress and main,
         train_ds=train_ds, val_ds=val_ds, detector=detector, model=model,
-        ddp_model=dist.wrap_ddp(model, device),  # the training forward only; `model` stays the bare one
+        ddp_model=ddp_model,
         sampler=sampler, loader=loader, optimizer=optimizer, scheduler=scheduler,
         scaler=LossScaler(cfg.precision, device), ema=ema, state=TrainState(),
         metrics=MetricsLog(run_dir / "metrics.csv", write=main), budget=None, train_mosaic=train_ds.mosaic,
