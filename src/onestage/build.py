@@ -282,7 +282,8 @@ def build_yolov3(cfg: Config, class_names: list[str]) -> Detector:
     criterion = YOLOv3Loss(
         anchors, num_classes, xy_loss=y.xy_loss, box_weight_2wh=y.box_weight_2wh, noobj_weight=y.noobj_weight,
         obj_weight=y.obj_weight, cls_weight=y.cls_weight, box_weight=y.box_weight, reduction=y.reduction,
-        assign_mode=y.assign_mode, ignore_by=y.ignore_by, ignore_thres=y.ignore_thres, preset=y.preset,
+        assign_mode=y.assign_mode, ignore_by=y.ignore_by, ignore_thres=y.ignore_thres,
+        class_collisions=y.class_collisions, preset=y.preset,
     )
     ev = cfg.eval
     post = YOLOv3PostProcessor(

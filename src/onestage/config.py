@@ -54,7 +54,8 @@ class YOLOv3Config(Strict):
     """YOLOv3 assignment and loss (DESIGN.md section 3, seed 000); see losses/yolov3.py."""
 
     # null: the seed-000 loss as configured below; darknet: reproduce Darknet's yolo layer
-    # (BCE-gradient x, y; 0.5 MSE w, h; the (2 - w h) weight; global anchors; ignore 0.7).
+    # (BCE-gradient x, y; 0.5 MSE w, h; the (2 - w h) weight; global anchors; ignore 0.7;
+    # multi-hot class target on collisions).
     preset: Literal["darknet"] | None = None
     assign_mode: Literal["global", "per_scale"] = "global"  # best of all anchors, or per scale
     ignore_by: Literal["prediction", "anchor"] = "prediction"
@@ -66,6 +67,9 @@ class YOLOv3Config(Strict):
     noobj_weight: float = Field(1.0, ge=0)
     cls_weight: float = Field(1.0, ge=0)
     reduction: Literal["sum", "mean"] = "sum"  # sum over the batch / batch size, or mean
+    # two objects on one (cell, anchor): last = the later object's class alone (one-hot);
+    # union = every class that landed there is a positive (multi-hot, Darknet; preset darknet sets it)
+    class_collisions: Literal["last", "union"] = "last"
     neck_width: float = Field(1.0, gt=0, le=2)  # channel multiplier of the neck and head
 
 
