@@ -8,11 +8,12 @@ path (``train.warmup_stpes``) and the keys that are allowed there. Command-line 
 
 from __future__ import annotations
 
+import types
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -21,6 +22,71 @@ class ConfigError(ValueError):
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _strict_scalars(cls, value: Any, info: ValidationInfo) -> Any:
+        """No silent casts between scalar kinds (see ``scalar_type_error``)."""
+        field = cls.model_fields.get(info.field_name or "")
+        problem = None if field is None else scalar_type_error(value, field.annotation)
+        if problem is not None:
+            raise ValueError(problem)
+        return value
+
+
+def _kinds(annotation: Any) -> set[type] | None:
+    """The scalar kinds an annotation admits (bool, int, float, str); None: not a scalar type."""
+    origin = get_origin(annotation)
+    if origin is Literal:
+        return {type(a) for a in get_args(annotation)}
+    if origin in (Union, types.UnionType):
+        parts = [_kinds(a) for a in get_args(annotation) if a is not type(None)]
+        if any(p is None for p in parts):
+            return None
+        return set().union(*parts)  # type: ignore[arg-type]
+    return {annotation} if annotation in (bool, int, float, str) else None
+
+
+def scalar_type_error(value: Any, annotation: Any) -> str | None:
+    """Why ``value`` does not fit ``annotation`` without a silent cast, or None.
+
+    pydantic's lax mode reads ``true`` as 1 for an int, ``1`` or ``"on"`` as True for a bool
+    and ``"16"`` as 16: ``train.batch_size=true`` would train with batch size 1. Here a
+    boolean is accepted only where a boolean is expected, a bool field takes only a boolean,
+    an int field no string; a float field takes an int (YAML reads ``lr: 1`` as an int) and a
+    numeric string (PyYAML reads ``1e-3`` without a dot as a string). Lists and tuples are
+    checked element by element.
+    """
+    origin = get_origin(annotation)
+    if origin in (list, tuple) and isinstance(value, (list, tuple)):
+        args = [a for a in get_args(annotation) if a is not Ellipsis]
+        if not args:
+            return None
+        for k, item in enumerate(value):
+            element = args[0] if origin is list or len(args) == 1 else args[min(k, len(args) - 1)]
+            problem = scalar_type_error(item, element)
+            if problem is not None:
+                return f"item {k}: {problem}"
+        return None
+    if origin in (Union, types.UnionType):
+        options = [a for a in get_args(annotation) if a is not type(None)]
+        if value is None and len(options) < len(get_args(annotation)):
+            return None
+        if any(scalar_type_error(value, a) is None for a in options):
+            return None
+    kinds = _kinds(annotation)
+    if kinds is None or value is None:
+        return None
+    expected = " or ".join(sorted(k.__name__ for k in kinds))
+    if isinstance(value, bool):
+        return None if bool in kinds else f"{str(value).lower()} is a boolean; expected {expected}"
+    if kinds == {bool}:
+        return f"{value!r} is not a boolean (true or false)"
+    if isinstance(value, str) and str not in kinds:
+        if float in kinds:
+            return None  # "1e-3": pydantic parses it, or reports a non-number
+        return f"{value!r} is a string; expected {expected}"
+    return None
 
 
 # --------------------------------------------------------------------------- model

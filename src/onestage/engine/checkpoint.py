@@ -85,8 +85,10 @@ def _weights_only_reason(exc: pickle.UnpicklingError) -> str | None:
     return " ".join(reason.split()) or "no reason given"
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", *, mmap: bool = False) -> dict[str, Any]:
     """Load a checkpoint written by ``save_checkpoint`` with ``weights_only=True``.
+
+    ``mmap``: map the tensors instead of reading them (to look at a few plain entries cheaply).
 
     Raises ``CheckpointError`` naming the file when it is missing, truncated/corrupt, holds
     objects that safe loading refuses (arbitrary classes), or is not a dict.
@@ -95,7 +97,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        state = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:
         reason = _weights_only_reason(exc)
         if reason is None:

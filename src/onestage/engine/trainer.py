@@ -44,6 +44,7 @@ from onestage.engine.checkpoint import load_checkpoint, rng_state, save_checkpoi
 from onestage.engine.ema import ModelEMA
 from onestage.engine.evaluate import evaluate
 from onestage.engine.optim import build_optimizer, clip_grad
+from onestage.engine.preflight import check_resume, check_trainable_batch, new_run_dir
 from onestage.engine.precision import LossScaler, autocast_context
 from onestage.engine.schedule import LRScheduler
 from onestage.engine.signals import (
@@ -165,11 +166,10 @@ class TrainState:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
-def make_run_dir(cfg: Config, config_path: str | Path | None) -> Path:
-    name = cfg.train.name or f"{Path(config_path).stem if config_path else 'run'}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run_dir = Path(cfg.train.out_dir) / name
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir
+def make_run_dir(cfg: Config, config_path: str | Path | None, overwrite: bool = False) -> Path:
+    """A new run's folder; an existing ``train.name`` run is refused unless ``overwrite`` (engine/preflight.py)."""
+    return new_run_dir(cfg.train.out_dir, cfg.train.name, Path(config_path).stem if config_path else "run",
+                       overwrite=overwrite)
 
 
 def _loader(dataset: DetectionDataset, sampler: EpochSampler, cfg: Config) -> DataLoader:
@@ -278,6 +278,7 @@ def _train(
 
     sampler = EpochSampler(len(train_ds), cfg.seed, rank=rank, world_size=world)
     loader = _loader(train_ds, sampler, cfg)
+    check_trainable_batch(model, min(cfg.train.batch_size, sampler.shard_size), world, input_size=cfg.model.input_size, sync_bn=cfg.dist.sync_bn)
     batches_per_epoch = len(loader)
     steps_per_epoch = max(1, batches_per_epoch // cfg.train.accumulate)
     total_steps = cfg.train.epochs * steps_per_epoch
@@ -519,5 +520,6 @@ def _train(
 
 
 def load_run_config(run_dir: Path) -> Config:
-    """The resolved config a run was started with (for ``--resume``)."""
+    """The resolved config a run was started with (for ``--resume``), checked against its last.pt."""
+    check_resume(run_dir)
     return load_config(run_dir / "config.yaml")
