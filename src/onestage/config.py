@@ -328,6 +328,10 @@ class EvalConfig(Strict):
     max_detections: int | None = Field(None, ge=1)
     iou_threshold: float = Field(0.5, gt=0, le=1)  # VOC AP
     voc_metric: Literal["area", "11point"] = "area"
+    # box widths and the IoU = threshold case (eval/voc.py): continuous = no +1 pixel, IoU >=
+    # (COCO-style); devkit = the official VOCevaldet.m, +1 pixel, IoU >=; voc_eval_py =
+    # py-faster-rcnn's voc_eval.py and its copies, +1 pixel, IoU > (strict)
+    voc_convention: Literal["continuous", "devkit", "voc_eval_py"] = "continuous"
     metrics: list[Literal["voc", "coco"]] = ["voc"]  # coco adds AP@[.5:.95], AP75, AR...
     num_images_drawn: int = Field(8, ge=0)
 
