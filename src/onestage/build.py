@@ -315,11 +315,13 @@ def build_yolov1(cfg: Config, class_names: list[str]) -> Detector:
     model = YOLOv1(backbone, head)
     force = _force_fp32(cfg)
     criterion = YOLOv1Loss(S=y.grid, B=y.boxes_per_cell, num_classes=num_classes, lambda_coord=y.lambda_coord,
-                           lambda_noobj=y.lambda_noobj, conf_target=y.conf_target, force_fp32=force)
+                           lambda_noobj=y.lambda_noobj, conf_target=y.conf_target, force_fp32=force,
+                           preset=y.preset)
     ev = cfg.eval
     post = YOLOv1PostProcessor(
         S=y.grid, B=y.boxes_per_cell, num_classes=num_classes, score_threshold=_or(ev.score_threshold, 0.001),
         nms_iou=ev.nms_iou, max_detections=_or(ev.max_detections, 100), force_fp32=force,
+        linear=y.preset == "darknet",
     )
     # YOLOv1: B boxes (x, y, w, h, conf) per cell share one set of C class scores, so a cell
     # holds 5B + C values rather than B x (5 + C).

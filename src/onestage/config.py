@@ -152,6 +152,9 @@ class YOLOv1Config(Strict):
     lambda_coord: float = Field(5.0, ge=0)
     lambda_noobj: float = Field(0.5, ge=0)
     conf_target: Literal["iou", "one"] = "iou"
+    # null: sigmoid/softmax outputs (finite gradients from any raw value); darknet: Darknet's
+    # detection layer exactly (linear outputs, responsible predictor by IoU then RMSE; losses/yolov1.py)
+    preset: Literal["darknet"] | None = None
 
 
 class ModelConfig(Strict):

@@ -21,7 +21,10 @@ model itself stays raw (the same tensor in train and eval mode).
   predictors (section 2: "one set of class probabilities per grid cell").
 The paper's last layer is linear on all 5B + C values; these bounded activations keep every
 value in its range from the first step of training from scratch, and make the score
-``conf * Pr(Class_c | Object)`` a product of probabilities.
+``conf * Pr(Class_c | Object)`` a product of probabilities. ``linear=True`` (the YOLOv1
+``darknet`` preset) takes the raw values as they are, as Darknet's ``detection_layer.c``
+with ``softmax=0, sqrt=1`` (yolov1.cfg): x, y, sqrt(w), sqrt(h), conf and class scores
+unbounded (w = raw^2 is still >= 0).
 
 Candidate order of the decoded boxes (S*S*B of them, 98 at S = 7, B = 2): row-major over
 cells (cell index i * S + j), the B predictors of a cell together: index (i * S + j) * B + b.
@@ -65,17 +68,19 @@ def check_yolov1_outputs(outputs: Tensor, B: int, num_classes: int) -> int:
     return int(outputs.shape[1])
 
 
-def yolov1_activate(outputs: Tensor, B: int, num_classes: int) -> YOLOv1Prediction:
-    """(N, S, S, 5B + C) raw -> ``YOLOv1Prediction`` (sigmoid on x, y, sqrt w, sqrt h, conf; softmax on classes)."""
+def yolov1_activate(outputs: Tensor, B: int, num_classes: int, linear: bool = False) -> YOLOv1Prediction:
+    """(N, S, S, 5B + C) raw -> ``YOLOv1Prediction`` (sigmoid on x, y, sqrt w, sqrt h, conf; softmax
+    on classes), or the raw values themselves with ``linear`` (Darknet; module docstring)."""
     check_yolov1_outputs(outputs, B, num_classes)
     n, s = outputs.shape[0], outputs.shape[1]
     boxes = outputs[..., : 5 * B].reshape(n, s, s, B, 5)  # (N, S, S, B, 5)
-    activated = boxes.sigmoid()
+    activated = boxes if linear else boxes.sigmoid()
+    classes = outputs[..., 5 * B :]
     return YOLOv1Prediction(
         xy=activated[..., 0:2],
         sqrt_wh=activated[..., 2:4],
         conf=activated[..., 4],
-        class_probs=outputs[..., 5 * B :].softmax(dim=-1),
+        class_probs=classes if linear else classes.softmax(dim=-1),
     )
 
 
@@ -96,14 +101,14 @@ def yolov1_cell_decode(cell_boxes: Tensor) -> Tensor:
     return torch.stack((cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h), dim=-1)
 
 
-def decode_yolov1(outputs: Tensor, B: int, num_classes: int) -> tuple[Tensor, Tensor, Tensor]:
+def decode_yolov1(outputs: Tensor, B: int, num_classes: int, linear: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """Raw (N, S, S, 5B + C) -> the S*S*B candidate boxes (98 at S = 7, B = 2).
 
     Returns boxes (N, S*S*B, 4) xyxy normalized (not clipped), conf (N, S*S*B), and
     class_probs (N, S*S, C) per cell. Candidate index (i * S + j) * B + b; its class
     probabilities are row ``candidate // B`` of class_probs.
     """
-    pred = yolov1_activate(outputs, B, num_classes)
+    pred = yolov1_activate(outputs, B, num_classes, linear)
     n = outputs.shape[0]
     boxes = yolov1_cell_decode(pred.cell_boxes).reshape(n, -1, 4)  # (N, S*S*B, 4)
     return boxes, pred.conf.reshape(n, -1), pred.class_probs.reshape(n, -1, num_classes)
@@ -123,7 +128,7 @@ class YOLOv1PostProcessor:
     but batched over (image, class) at once: each class has only S*S*B candidates, so an
     (N, C, S*S*B, S*S*B) overlap tensor is small and no Python loop runs over images.
     ``force_fp32(op)`` is the precision predicate for "decode" and "nms"; without one,
-    both run in fp32.
+    both run in fp32. ``linear``: the outputs are Darknet's linear values (``yolov1_activate``).
     """
 
     S: int
@@ -133,13 +138,14 @@ class YOLOv1PostProcessor:
     nms_iou: float = 0.45
     max_detections: int = 100
     force_fp32: Callable[[str], bool] = lambda op: True
+    linear: bool = False
 
     def __call__(self, outputs: Tensor) -> list[Detections]:
         if check_yolov1_outputs(outputs, self.B, self.num_classes) != self.S:
             raise ValueError(f"YOLOv1PostProcessor expects an S={self.S} grid, got {outputs.shape[1]}x{outputs.shape[2]}")
         if self.force_fp32("decode"):
             outputs = outputs.float()
-        boxes, conf, class_probs = decode_yolov1(outputs, self.B, self.num_classes)
+        boxes, conf, class_probs = decode_yolov1(outputs, self.B, self.num_classes, self.linear)
         boxes = clip_xyxy(boxes)  # (N, K, 4), K = S*S*B
         # Each predictor takes its cell's class distribution: (N, K, C).
         scores = conf[..., None] * class_probs.repeat_interleave(self.B, dim=1)
