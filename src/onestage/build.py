@@ -68,7 +68,8 @@ def read_dataset(ds: DatasetConfig, cfg: Config, class_names: list[str] | None =
     elif ds.format == "voc":
         from onestage.data.voc import read_voc
 
-        spec = read_voc(_need(ds.root, "root", ds), split=ds.split, class_names=names, on_error=on_error)
+        spec = read_voc(_need(ds.root, "root", ds), split=ds.split, class_names=names, on_error=on_error,
+                        annotations_dir=ds.annotations, images_dir=ds.images)
     elif ds.format == "coco":
         from onestage.data.coco import read_coco
 
@@ -80,6 +81,10 @@ def read_dataset(ds: DatasetConfig, cfg: Config, class_names: list[str] | None =
         spec = read_yolo(_need(ds.root, "root", ds), split=ds.split or "train", class_names=names, on_error=on_error)
     if ds.limit is not None:
         spec.records = spec.records[: ds.limit]
+    if names is None and ds.format != "shapes":
+        from onestage.data.classes import note_classes
+
+        note_classes(spec, str(ds.root or ds.annotations))  # classes found, likely typos
     if not spec.records:
         raise DataError(f"{ds.root or ds.format}: the dataset has no images")
     return spec

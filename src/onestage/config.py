@@ -207,13 +207,38 @@ class LossConfig(Strict):
 class DatasetConfig(Strict):
     format: Literal["shapes", "voc", "coco", "yolo"] = "shapes"
     root: Path | None = None  # dataset folder; relative paths are relative to the config file
-    split: str | None = None  # VOC ImageSets name, YOLO split folder, CSV split file...
-    annotations: Path | None = None  # COCO JSON or a CSV list of image files
-    images: Path | None = None  # image folder when it is not implied by the format
+    # VOC ImageSets name, YOLO split folder, a .txt/.csv split file (relative to root)
+    split: str | None = None
+    # COCO JSON; VOC: the folder of XML files. Relative to root when root is given.
+    annotations: Path | None = None
+    # the image folder when it is not implied by the format (VOC: XML may sit beside the images)
+    images: Path | None = None
     # Synthetic shapes: how many images and which seed generates them.
     num_images: int = Field(256, ge=1)
     seed: int = 0
     limit: int | None = Field(None, ge=1)  # keep only the first N images (smoke tests)
+
+    @model_validator(mode="after")
+    def _keys_of_the_format(self) -> "DatasetConfig":
+        """A key the format does not read is an error, not silently ignored (issue 21)."""
+        unused = sorted((self.model_fields_set - {"format", "limit"}) - DATASET_KEYS[self.format])
+        if unused:
+            raise ValueError(
+                f"{', '.join(unused)}: not used by format {self.format!r} (it reads "
+                f"{', '.join(sorted(DATASET_KEYS[self.format]))}); remove {'them' if len(unused) > 1 else 'it'}"
+            )
+        return self
+
+
+# The keys each dataset format reads (besides format and limit). VOC: root, the split, and
+# the XML and image folders (relative to root); COCO: the JSON and the image folder
+# (root: the image folder when images is not given); YOLO: root (or its data.yaml) and split.
+DATASET_KEYS: dict[str, set[str]] = {
+    "shapes": {"num_images", "seed"},
+    "voc": {"root", "split", "annotations", "images"},
+    "coco": {"root", "annotations", "images"},
+    "yolo": {"root", "split"},
+}
 
 
 class AugmentConfig(Strict):
@@ -400,14 +425,23 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 
 
 def _resolve_paths(cfg: Config, base: Path) -> None:
-    """Make relative dataset paths relative to the config file, as a user expects."""
+    """Relative dataset paths: ``root`` relative to the config file (a command-line override
+    relative to the current folder is taken from there only when the config-relative path
+    does not exist); ``annotations`` and ``images`` relative to ``root`` when it is given
+    (the dataset's own folders, never the current folder's), else like ``root``."""
     for ds in (cfg.data.train, cfg.data.val):
-        for name in ("root", "annotations", "images"):
+        if ds.root is not None and not ds.root.is_absolute():
+            ds.root = _near_config(ds.root, base)
+        for name in ("annotations", "images"):
             value = getattr(ds, name)
-            if value is not None and not value.is_absolute():
-                candidate = (base / value).resolve()
-                # A path that exists from the working directory wins (commands run from the repo).
-                setattr(ds, name, value.resolve() if value.exists() else candidate)
+            if value is None or value.is_absolute():
+                continue
+            setattr(ds, name, (ds.root / value).resolve() if ds.root is not None else _near_config(value, base))
+
+
+def _near_config(value: Path, base: Path) -> Path:
+    candidate = (base / value).resolve()
+    return candidate if candidate.exists() or not value.exists() else value.resolve()
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:

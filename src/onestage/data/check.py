@@ -228,7 +228,7 @@ def check_dataset(
     problems.extend(list(spec.problems) + list(log))
     if not read_images:
         lines.append("images not decoded (read_images=False): only the sampled ones were read")
-    lines.append(problems.summary())
+    lines.append(problems.summary(per_kind=None))
     if out_png is not None:
         tiles = [_tile(sampled[i], spec.records[i], spec.class_names) for i in sample if i in sampled]
         if tiles:
