@@ -220,8 +220,10 @@ class DatasetConfig(Strict):
 
     @model_validator(mode="after")
     def _keys_of_the_format(self) -> "DatasetConfig":
-        """A key the format does not read is an error, not silently ignored (issue 21)."""
-        unused = sorted((self.model_fields_set - {"format", "limit"}) - DATASET_KEYS[self.format])
+        """A key the format does not read is an error, not silently ignored (issue 21). A key
+        left at its default is no error: a dumped config (run folders, checkpoints) writes them all."""
+        given = {k for k in self.model_fields_set if getattr(self, k) != type(self).model_fields[k].default}
+        unused = sorted((given - {"format", "limit"}) - DATASET_KEYS[self.format])
         if unused:
             raise ValueError(
                 f"{', '.join(unused)}: not used by format {self.format!r} (it reads "

@@ -15,11 +15,13 @@ import numpy as np
 
 from onestage.data.problems import DatasetSpec
 
-# A rare class is a likely typo of a frequent one when its (normalized) name is within
-# this many edits of the other's (1 for names of up to 5 characters) and it has at most
-# RARE_SHARE of the other's boxes (and at most RARE_MAX_BOXES boxes).
+# A rare class is a likely typo of a more frequent one when its (normalized) name is within
+# this many edits of the other's (1 for names of 4 or 5 characters, 0 for shorter ones: RBC
+# and WBC are two classes) and it has at most RARE_MAX_BOXES boxes and at most RARE_SHARE of
+# the other's (or at most RARE_FEW, for small datasets).
 MAX_EDITS = 2
 RARE_SHARE = 0.1
+RARE_FEW = 2
 RARE_MAX_BOXES = 20
 
 
@@ -49,10 +51,12 @@ def likely_typos(names: list[str], box_counts: np.ndarray) -> list[tuple[str, st
     for i, rare in enumerate(names):
         best: tuple[str, str, int] | None = None
         for j, common in enumerate(names):
-            if i == j or counts[i] > RARE_MAX_BOXES or counts[i] > RARE_SHARE * counts[j]:
+            rare_enough = counts[i] <= max(RARE_FEW, RARE_SHARE * counts[j])
+            if i == j or counts[i] >= counts[j] or counts[i] > RARE_MAX_BOXES or not rare_enough:
                 continue
             a, b = _normalized(rare), _normalized(common)
-            limit = 1 if min(len(a), len(b)) <= 5 else MAX_EDITS
+            shortest = min(len(a), len(b))
+            limit = 0 if shortest <= 3 else 1 if shortest <= 5 else MAX_EDITS
             d = edit_distance(a, b)
             if d <= limit and (best is None or d < best[2]):
                 best = (rare, common, d)

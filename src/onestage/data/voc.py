@@ -214,9 +214,9 @@ def _boxes_in_image_frame(
     orientation = info.orientation if info.orientation is not None and 2 <= info.orientation <= 8 else None
     if orientation is not None:
         if info.rotated and xml_size == stored:
-            log.fix(xml, "exif_orientation", f"{image.name} has EXIF orientation {orientation}: stored "
-                    f"{stored[0]}x{stored[1]}, shown {upright[0]}x{upright[1]}; <size> is the stored frame, so the "
-                    "boxes were drawn on the stored pixels: rotated with the image into the shown frame", "rotated")
+            log.fix(image, "exif_orientation", f"EXIF orientation {orientation}: stored {stored[0]}x{stored[1]}, "
+                    f"shown {upright[0]}x{upright[1]}; the <size> of {xml.name} is the stored frame, so its boxes were "
+                    "drawn on the stored pixels: rotated with the image into the shown frame", "rotated")
             return exif_boxes_to_upright(boxes, orientation, *stored)
         if xml_size is None:
             why = "no <size> to tell the frame"
@@ -226,8 +226,9 @@ def _boxes_in_image_frame(
             why = "<size> is the shown frame"
         else:
             why = "<size> matches neither frame"
-        log.fix(xml, "exif_orientation", f"{image.name} has EXIF orientation {orientation} (shown "
-                f"{upright[0]}x{upright[1]}); {why}: boxes taken in the shown (upright) frame", "kept")
+        log.fix(image, "exif_orientation", f"EXIF orientation {orientation} (shown {upright[0]}x{upright[1]}); "
+                f"{why.replace('<size>', f'the <size> of {xml.name}')}: its boxes taken in the shown (upright) frame",
+                "kept")
     if xml_size is not None and xml_size != upright:
         log.fix(xml, "size_mismatch", f"<size> says {xml_size[0]:g}x{xml_size[1]:g} but {image.name} is "
                 f"{upright[0]}x{upright[1]} (EXIF orientation applied); using the image size", "kept")
