@@ -203,7 +203,7 @@ def test_voc_conventions_at_exactly_iou_half(convention, expected_a, expected_b)
     assert evaluate_voc(*pair_b, 1, convention=convention).ap[0] == expected_b
     assert evaluate_voc(*pair_b, 1, convention=convention).convention == convention
     # The same through the Evaluator that `eval` and training validation use (eval.voc_convention).
-    from onestage.data.base import ImageRecord
+    from onestage.data.record import ImageRecord
     from onestage.eval.evaluator import Evaluator
 
     ev = Evaluator(["a"], voc_convention=convention)

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from onestage.data.base import ImageRecord
+from onestage.data.record import ImageRecord
 from onestage.data.io import ImageInfo, exif_boxes_to_upright, image_info, note_image_quirks, safe_join
 from onestage.data.problems import DataError, DatasetSpec, OnError, ProblemLog, fix_boxes
 
