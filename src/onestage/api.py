@@ -15,6 +15,7 @@ never the architecture. The command line (``onestage predict``, ``eval``) is a t
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -181,11 +182,12 @@ def load_detector(
     use_ema: bool | None = None,
     config: str | Path | Config | None = None,
     overrides: Sequence[str] = (),
+    batch_size: int = 16,
 ) -> LoadedDetector:
     """A checkpoint written by ``onestage train``, ready to ``predict`` (module docstring).
 
     ``use_ema``: None follows the run's ``ema.use_for_eval``. ``config``/``overrides`` change
-    inference settings only. Raises ``CheckpointError`` / ``ConfigError`` naming the file.
+    inference settings only. ``batch_size``: the batch the precision is chosen for (``predict``'s). Raises ``CheckpointError`` / ``ConfigError`` naming the file.
     """
     from onestage.build import build_detector
     from onestage.engine.checkpoint import load_checkpoint
@@ -207,7 +209,21 @@ def load_detector(
         from onestage.engine import distributed as dist
 
         device = dist.device()
-    return LoadedDetector(detector, cfg, torch.device(device))
+    device = torch.device(device)
+    cfg = cfg.model_copy(update={"precision": inference_precision(cfg, detector.model.to(device), device, batch_size)})
+    return LoadedDetector(detector, cfg, device)
+
+
+def inference_precision(cfg: Config, model: torch.nn.Module, device: torch.device, batch_size: int):
+    """The concrete precision for inference: ``precision.amp: auto`` measured forward-only at
+    this batch shape (cached per machine, model and shape; ``engine/calibrate.py``), as training does."""
+    from onestage.engine.calibrate import resolve_precision
+
+    shape = (batch_size, 3, cfg.model.input_size, cfg.model.input_size)
+    decision = resolve_precision(cfg.precision, model, shape, device, train=False)
+    if decision.warning:
+        warnings.warn(decision.warning, stacklevel=3)
+    return decision.apply(cfg.precision)
 
 
 def save_predictions(predictions: Sequence[Prediction], sources: Sequence[str], path: Path) -> Path:

@@ -1,4 +1,4 @@
-"""``onestage`` command line: train | eval | predict | inspect | data check."""
+"""``onestage`` command line: train | eval | predict | inspect | anchors | doctor | data check."""
 
 from __future__ import annotations
 
@@ -70,6 +70,14 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--size", type=int, help="network input size (default: model.input_size)")
     a.add_argument("--threshold", type=float, default=0.5, help="assignment IoU threshold for the coverage share")
 
+    dr = sub.add_parser("doctor", help="this machine's torch, CPU/GPU and bf16 support; with a config, step times per precision")
+    dr.add_argument("config", nargs="?", help="experiment YAML: time its model at its batch and input size")
+    dr.add_argument("overrides", nargs="*")
+    dr.add_argument("--json", action="store_true")
+    dr.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available, else cpu)")
+    dr.add_argument("--time-limit", type=float, default=6.0, metavar="S", help="seconds per calibration (default 6)")
+    dr.add_argument("--no-cache", action="store_true", help="do not write the calibration cache")
+
     d = sub.add_parser("data", help="dataset tools")
     dsub = d.add_subparsers(dest="data_command", required=True)
     c = dsub.add_parser("check", help="read a dataset once and report what is in it and what is wrong")
@@ -123,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_inspect(args)
         if args.command == "anchors":
             return cmd_anchors(args)
+        if args.command == "doctor":
+            return cmd_doctor(args)
         if args.command == "data" and args.data_command == "check":
             return cmd_data_check(args)
     except ConfigError as exc:
@@ -219,7 +229,7 @@ def _load_for_eval(cfg: Config, checkpoint: Path):
     from onestage.api import load_detector
     from onestage.build import build_eval_dataset, read_dataset
 
-    loaded = load_detector(checkpoint, config=cfg)
+    loaded = load_detector(checkpoint, config=cfg, batch_size=cfg.train.batch_size)
     val_spec = read_dataset(loaded.cfg.data.val, loaded.cfg, class_names=loaded.class_names)
     val_ds = build_eval_dataset(loaded.cfg, val_spec, loaded.class_names)
     return loaded.detector, loaded.cfg, val_ds, val_spec, loaded.device
@@ -346,7 +356,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         args.config, args.checkpoint, args.inputs = args.checkpoint, args.inputs[0], args.inputs[1:]
         if not args.inputs:
             raise ConfigError("predict: give images or folders after the checkpoint")
-    det = load_detector(args.checkpoint, config=args.config, overrides=args.overrides)
+    det = load_detector(args.checkpoint, config=args.config, overrides=args.overrides, batch_size=args.batch_size)
     files = _collect_images(args.inputs)
     args.out.mkdir(parents=True, exist_ok=True)
     predictions = []
@@ -364,18 +374,23 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------- inspect
+def _class_names(cfg: Config, num_classes: int | None = None) -> list[str]:
+    """``--num-classes`` placeholders, else the config's ``data.class_names``, else the dataset's."""
+    from onestage.build import read_dataset
+
+    if num_classes is not None:
+        return [f"class{i}" for i in range(num_classes)]
+    if cfg.data.class_names:
+        return list(cfg.data.class_names)
+    return read_dataset(cfg.data.train, cfg).class_names
+
+
 def _describe(config: str, overrides: list[str], num_classes: int | None, priors: Path | None = None) -> dict:
-    from onestage.build import build_detector, read_dataset
+    from onestage.build import build_detector
     from onestage.inspect import describe
 
     cfg = load_config(config, overrides)
-    if num_classes is not None:
-        class_names = [f"class{i}" for i in range(num_classes)]
-    elif cfg.data.class_names:
-        class_names = list(cfg.data.class_names)
-    else:
-        class_names = read_dataset(cfg.data.train, cfg).class_names
-    detector = build_detector(cfg, class_names)
+    detector = build_detector(cfg, _class_names(cfg, num_classes))
     info = describe(cfg, detector)
     if priors is not None:
         if detector.priors is None:
@@ -403,6 +418,28 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         print(json.dumps({"a": first, "b": info}, indent=2))
         return 0
     print(format_layout(first), format_layout(info), format_comparison(first, info), sep="\n\n")
+    return 0
+
+
+# ----------------------------------------------------------------------------- doctor
+def cmd_doctor(args: argparse.Namespace) -> int:
+    import torch
+
+    from onestage.doctor import config_report, format_report, machine_report
+
+    machine = machine_report()
+    report = None
+    if args.config is not None:
+        cfg = load_config(args.config, args.overrides)
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        report = config_report(cfg, _class_names(cfg), device, time_limit=args.time_limit, cache=not args.no_cache)
+        report["config"] = args.config
+    elif args.overrides:
+        raise ConfigError("doctor: key=value overrides need a CONFIG")
+    if args.json:
+        print(json.dumps({"machine": machine, "config": report}, indent=2))
+    else:
+        print(format_report(machine, report))
     return 0
 
 

@@ -322,7 +322,11 @@ class ScheduleConfig(Strict):
 
 
 class PrecisionConfig(Strict):
-    amp: bool = True
+    # auto: chosen by measurement (engine/calibrate.py resolve_precision): on a GPU autocast
+    # (bf16 where supported, else fp16 + loss scaling); on the CPU bf16 only where a short
+    # calibration of the model finds it faster. true / false: as set (a warning when measured
+    # more than 1.5x slower than the alternative).
+    amp: Union[Literal["auto"], bool] = "auto"
     dtype: Literal["auto", "float16", "bfloat16"] = "auto"  # auto: fp16 on GPU, bf16 on CPU
     loss_scale: Union[Literal["dynamic"], float] = "dynamic"  # fp16 only; bf16 needs none
     force_fp32: list[Literal["iou", "loss_reduction", "nms", "decode", "softmax"]] = [
@@ -330,7 +334,7 @@ class PrecisionConfig(Strict):
         "loss_reduction",
         "nms",
     ]
-    channels_last: bool = True
+    channels_last: Union[Literal["auto"], bool] = "auto"  # NHWC memory format; auto: the faster one measured
 
 
 class EMAConfig(Strict):

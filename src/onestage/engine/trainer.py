@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import json
 import math
 import os
 import random
@@ -43,6 +44,7 @@ from onestage.data.mosaic import mosaic_closed
 from onestage.engine import distributed as dist
 from onestage.engine.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from onestage.engine.budget import BudgetPlanner
+from onestage.engine.calibrate import PrecisionDecision, mode_key, resolve_precision
 from onestage.engine.ema import ModelEMA
 from onestage.engine.evaluate import evaluate
 from onestage.engine.optim import build_optimizer, clip_grad
@@ -337,6 +339,8 @@ def _set_up(cfg: Config, run_dir: Path, resume: bool, progress: bool, device: to
     if cfg.dist.sync_bn and world > 1:
         detector.model = dist.convert_sync_batchnorm(detector.model, device)
     model = detector.model.to(device)
+    decision = _choose_precision(cfg, model, device, run_dir, main)
+    cfg = cfg.model_copy(update={"precision": decision.apply(cfg.precision)})  # concrete from here on
     if cfg.precision.channels_last:
         model = model.to(memory_format=torch.channels_last)
     detector.criterion.to(device)
@@ -371,12 +375,27 @@ def _set_up(cfg: Config, run_dir: Path, resume: bool, progress: bool, device: to
             cfg.train.time_budget * 60, val_batches, steps_per_epoch * cfg.train.eval_every,
             val_share=cfg.train.val_budget_share,
             elapsed_before=run.state.elapsed + time.perf_counter() - clock_start,  # set-up counts
+            step_estimate=decision.timings.get(mode_key(decision.dtype, decision.channels_last)),
         )
         if not resume:
             # A placeholder until the first steps measure the pace (re-planned every step);
             # long enough that the warmup is not mistaken for the whole run.
             scheduler.set_total_steps(max(scheduler.total_steps, 10 * cfg.schedule.warmup_steps + 1))
     return run
+
+
+def _choose_precision(cfg: Config, model: nn.Module, device: torch.device, run_dir: Path, main: bool) -> PrecisionDecision:
+    """The precision of this run (``precision.amp: auto`` measured, ``engine/calibrate.py``),
+    decided once by rank 0 for every rank, printed with its reason and written to precision.json."""
+    shape = (cfg.train.batch_size, 3, cfg.model.input_size, cfg.model.input_size)
+    decision = resolve_precision(cfg.precision, model, shape, device, train=True) if main else None
+    decision = dist.broadcast_object(decision)
+    if main:
+        print(f"[{decision.reason}]", file=sys.stderr)
+        if decision.warning:
+            print(f"[warn] {decision.warning}", file=sys.stderr)
+        (run_dir / "precision.json").write_text(json.dumps(decision.to_json(), indent=2))
+    return decision
 
 
 def _restore(run: Run, rank: int) -> None:
