@@ -32,7 +32,7 @@ from onestage.data.voc import read_voc
 DATASETS = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
 RACCOON = DATASETS / "raccoon"
 BCCD = DATASETS / "bccd" / "BCCD"
-pytestmark = pytest.mark.skipif(not RACCOON.is_dir() or not BCCD.is_dir(), reason="../shared/datasets not present")
+pytestmark = pytest.mark.datasets
 
 
 def _xml(filename: str, size: tuple[int, int], objects: list[tuple[str, tuple[int, int, int, int]]]) -> str:

@@ -59,6 +59,11 @@ def scalar_type_error(value: Any, annotation: Any) -> str | None:
     checked element by element.
     """
     origin = get_origin(annotation)
+    if origin is Literal:
+        allowed = get_args(annotation)
+        if any(value == a and type(value) is type(a) for a in allowed):
+            return None
+        return f"{value!r} is not one of {', '.join(repr(a) for a in allowed)}"
     if origin in (list, tuple) and isinstance(value, (list, tuple)):
         args = [a for a in get_args(annotation) if a is not Ellipsis]
         if not args:
@@ -75,6 +80,8 @@ def scalar_type_error(value: Any, annotation: Any) -> str | None:
             return None
         if any(scalar_type_error(value, a) is None for a in options):
             return None
+        problems = [str(scalar_type_error(value, a)) for a in options]
+        return problems[0] if len(problems) == 1 else f"{value!r} fits none of: " + "; ".join(problems)
     kinds = _kinds(annotation)
     if kinds is None or value is None:
         return None

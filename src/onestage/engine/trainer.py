@@ -339,6 +339,7 @@ def _set_up(cfg: Config, run_dir: Path, resume: bool, progress: bool, device: to
     if cfg.dist.sync_bn and world > 1:
         detector.model = dist.convert_sync_batchnorm(detector.model, device)
     model = detector.model.to(device)
+    check_trainable_batch(model, min(cfg.train.batch_size, len(train_ds) // world), world, input_size=cfg.model.input_size, sync_bn=cfg.dist.sync_bn)
     decision = _choose_precision(cfg, model, device, run_dir, main)
     cfg = cfg.model_copy(update={"precision": decision.apply(cfg.precision)})  # concrete from here on
     if cfg.precision.channels_last:
@@ -349,7 +350,6 @@ def _set_up(cfg: Config, run_dir: Path, resume: bool, progress: bool, device: to
 
     sampler = EpochSampler(len(train_ds), cfg.seed, rank=rank, world_size=world)
     loader = _loader(train_ds, sampler, cfg)
-    check_trainable_batch(model, min(cfg.train.batch_size, sampler.shard_size), world, input_size=cfg.model.input_size, sync_bn=cfg.dist.sync_bn)
     steps_per_epoch = max(1, len(loader) // cfg.train.accumulate)
     # Linear scaling rule (Goyal et al. 2017, section 2.1) when asked: the global batch is
     # `world` times the per-process one, so is the learning rate.
