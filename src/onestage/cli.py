@@ -23,6 +23,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("config", nargs="?", help="experiment YAML (not needed with --resume)")
     t.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.epochs=5")
     t.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue the run in RUN_DIR from its last.pt")
+    t.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in out_dir/train.name (its files are deleted) instead of refusing")
     t.add_argument("--plot-lr", action="store_true", help="write the LR schedule plot and exit")
     t.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (smoke tests)")
     t.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -154,14 +156,16 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise ConfigError("train: give a CONFIG file or --resume RUN_DIR")
         cfg = load_config(args.config, args.overrides)
     if args.plot_lr:
-        return _plot_lr(cfg, args.resume or make_run_dir(cfg, args.config))
+        # The preview only adds lr.png: an existing named run folder is used as it is, never replaced.
+        named = Path(cfg.train.out_dir) / cfg.train.name if cfg.train.name else None
+        return _plot_lr(cfg, args.resume or (named if named and named.is_dir() else make_run_dir(cfg, args.config)))
     try:
         # Under torchrun: join the other processes (nothing happens in a single process).
         dist.init_distributed(cfg.dist)
         main = dist.is_main()
         with dist.collective_failures_as(dist.DistributedError):
             # Rank 0 names (and creates) the run folder; a name with the time in it could differ per rank.
-            run_dir = args.resume or dist.broadcast_object(make_run_dir(cfg, args.config) if main else None)
+            run_dir = args.resume or dist.broadcast_object(make_run_dir(cfg, args.config, args.overwrite) if main else None)
         if main:
             print(f"[run] {run_dir}", file=sys.stderr)
         summary = train(cfg, run_dir, resume=args.resume is not None, progress=not args.no_progress, max_steps=args.max_steps)
