@@ -36,7 +36,9 @@ Values are fractions in [0, 1] (tidecv prints them times 100).
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -412,3 +414,21 @@ def format_tide(result: TideResult) -> str:
     lines.append(f"{'dAP':<7}" + "".join(f"{100 * v:>9.2f}" for v in values))
     lines.append(f"{'count':<7}" + "".join(f"{result.counts[n]:>9d}" for n in MAIN_ERRORS))
     return "\n".join(lines)
+
+
+def add_tide(result: Any, records: Sequence[ImageRecord], detections: Sequence[Mapping[str, np.ndarray]],
+             class_names: Sequence[str], out_dir: Path | None = None, quiet: bool = False) -> TideResult:
+    """TIDE for ``onestage eval`` and the end of training: attach it to the ``EvalResult``
+    (``result_to_json`` then carries it into ``--json``), print its table unless ``quiet``,
+    and with ``out_dir`` write ``result.json`` there: the whole result as JSON (metrics,
+    per-class AP, TIDE), which the HTML report reads."""
+    from onestage.eval.evaluator import result_to_json
+
+    tide = tide_analysis(records, detections, class_names)
+    result.tide = tide
+    if not quiet:
+        print(format_tide(tide))
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "result.json").write_text(json.dumps(result_to_json(result), indent=2))
+    return tide
