@@ -99,3 +99,9 @@ def test_killed_and_resumed_run_gets_one_report_over_the_whole_run(tmp_path: Pat
     assert _metric_cell(page, "voc_ap50") == metrics["voc_ap50"]
     assert "Error analysis (TIDE)" in page and 'id="per-class"' in page
     assert (run / "report.html").stat().st_size < 5e6
+    # eval --json carries the TIDE breakdown next to the metrics
+    capsys.readouterr()
+    assert cli_main(["eval", str(ROOT / "configs" / "demo_shapes.yaml"), str(run / "last.pt"), *TINY, "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert set(out["tide"]["main"]) == {"Cls", "Loc", "Both", "Dupe", "Bkg", "Miss"}
+    assert [r["name"] for r in out["tide"]["per_class"]] == [r["name"] for r in out["per_class"]]
