@@ -152,7 +152,8 @@ def _greedy_match(cls_iou: np.ndarray, pos: float) -> tuple[np.ndarray, np.ndarr
     gt_used = np.zeros(buf.shape[1], dtype=bool)
     if buf.shape[1] == 0:
         return det_used, gt_used
-    for k in range(len(buf)):
+    # buf only loses entries, so a detection below pos with every object at the start never matches
+    for k in np.flatnonzero(buf.max(1) >= pos):
         j = int(np.argmax(buf[k]))
         if buf[k, j] >= pos:
             det_used[k] = gt_used[j] = True
