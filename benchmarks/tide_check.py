@@ -11,10 +11,12 @@ a venv of its own and name its python here.
 The data are synthetic, with a fixed seed, built to hold every error kind: per object a
 detection that is right, badly placed (Loc), of another class (Cls), both (Both), a second
 one (Dupe) or none (Miss); detections on background (Bkg); crowd regions with detections
-inside; an image without detections and one without objects. Two cases: distinct scores,
+inside; an image without detections and one without objects. Two synthetic cases: distinct scores,
 and scores rounded to one decimal (ties, which tidecv breaks by list order). Each is written
 as COCO JSON (ground truth and results), scored by both, and the numbers are printed side
-by side; the script exits 1 when any differs by more than 1e-6.
+by side; the script exits 1 when any differs by more than 1e-6. A third case takes coco128's
+real ground truth (80 classes, crowd objects; ``../shared/datasets``) with detections made
+the same way.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from onestage.eval.tide import MAIN_ERRORS, SPECIAL_ERRORS, tide_analysis, tide_
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT / "tests" / "data" / "tide_reference.json"
 CLASSES = ["circle", "square", "triangle"]
+COCO128 = ROOT / ".." / "shared" / "datasets" / "coco128" / "annotations" / "instances_train2017.json"
 
 # Runs inside tidecv's venv: reads the two COCO files, prints tidecv's numbers as JSON
 # (dAP x 100 as tidecv reports them; per class from the same fix_errors calls).
@@ -69,10 +72,11 @@ def _shifted(box: np.ndarray, frac: float) -> np.ndarray:
     return box + np.array([frac * w, 0, frac * w, 0])
 
 
-def _image_dets(rng: np.random.Generator, boxes: np.ndarray, labels: np.ndarray, size: int) -> list[tuple]:
+def _image_dets(rng: np.random.Generator, boxes: np.ndarray, labels: np.ndarray, size: int,
+                num_classes: int = len(CLASSES)) -> list[tuple]:
     """(box xyxy, label, score) of the detections of one image: one fate per object."""
     out = []
-    other = lambda c: (c + rng.integers(1, len(CLASSES))) % len(CLASSES)  # noqa: E731
+    other = lambda c: (c + rng.integers(1, num_classes)) % num_classes  # noqa: E731
     for box, c in zip(boxes, labels):
         fate = rng.choice(["tp", "tp", "loc", "cls", "both", "dupe", "miss"])
         if fate in ("tp", "dupe"):
@@ -86,7 +90,7 @@ def _image_dets(rng: np.random.Generator, boxes: np.ndarray, labels: np.ndarray,
         if fate == "both":
             out.append((_shifted(box, rng.uniform(0.45, 0.75)), other(c), rng.uniform()))
     for _ in range(rng.integers(0, 3)):  # background
-        out.append((_box(rng, size), int(rng.integers(len(CLASSES))), rng.uniform()))
+        out.append((_box(rng, size), int(rng.integers(num_classes)), rng.uniform()))
     return out
 
 
@@ -119,8 +123,37 @@ def synthetic_case(seed: int, num_images: int = 30, size: int = 400, ties: bool 
     return {"images": images, "annotations": anns, "categories": cats}, results
 
 
+def coco128_case(seed: int) -> tuple[dict, list]:
+    """coco128's real ground truth (80 classes, crowd objects) with synthetic detections made
+    from its objects by ``_image_dets`` (boxes as tidecv reads them: rectangles for masks)."""
+    gt = json.loads(COCO128.read_text())
+    rng = np.random.default_rng(seed)
+    cat_ids = [c["id"] for c in gt["categories"]]
+    results, anns = [], []
+    for img in gt["images"]:
+        mine = [a for a in gt["annotations"] if a["image_id"] == img["id"]]
+        xywh = np.array([a["bbox"] for a in mine], dtype=np.float64).reshape(-1, 4)
+        boxes = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], 1)
+        labels = np.array([cat_ids.index(a["category_id"]) for a in mine], dtype=np.int64)
+        crowd = np.array([bool(a["iscrowd"]) for a in mine], dtype=bool)
+        for b, c, sc in _image_dets(rng, boxes[~crowd], labels[~crowd], min(img["width"], img["height"]),
+                                    num_classes=len(cat_ids)):
+            x1, y1, x2, y2 = np.asarray(b).tolist()
+            results.append({"image_id": img["id"], "category_id": cat_ids[int(c)], "bbox": [x1, y1, x2 - x1, y2 - y1],
+                            "score": float(sc)})
+        for a in mine:
+            x, y, w, h = a["bbox"]
+            anns.append({k: a[k] for k in ("id", "image_id", "category_id", "iscrowd", "bbox", "area")}
+                        | {"segmentation": [[x, y, x + w, y, x + w, y + h, x, y + h]]})
+    images = [{k: im[k] for k in ("id", "width", "height", "file_name")} for im in gt["images"]]
+    cats = [{"id": c["id"], "name": c["name"]} for c in gt["categories"]]
+    return {"images": images, "annotations": anns, "categories": cats}, results
+
+
 def coco_to_inputs(gt: dict, results: list) -> tuple[list[ImageRecord], list[dict]]:
-    """COCO ground truth + results -> onestage records and per-image detections (labels 0-based)."""
+    """COCO ground truth + results -> onestage records and per-image detections (label = the
+    category's index in ``gt["categories"]``)."""
+    label = {c["id"]: i for i, c in enumerate(gt["categories"])}
     records, dets = [], []
     for img in gt["images"]:
         anns = [a for a in gt["annotations"] if a["image_id"] == img["id"]]
@@ -129,12 +162,12 @@ def coco_to_inputs(gt: dict, results: list) -> tuple[list[ImageRecord], list[dic
         records.append(ImageRecord(
             image_id=img["id"], width=img["width"], height=img["height"],
             boxes=np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], 1),
-            labels=np.array([a["category_id"] - 1 for a in anns], dtype=np.int64),
+            labels=np.array([label[a["category_id"]] for a in anns], dtype=np.int64),
             difficult=np.array([bool(a["iscrowd"]) for a in anns], dtype=bool)))
         dxywh = np.array([r["bbox"] for r in mine], dtype=np.float64).reshape(-1, 4)
         dets.append({"boxes": np.concatenate([dxywh[:, :2], dxywh[:, :2] + dxywh[:, 2:]], 1),
                      "scores": np.array([r["score"] for r in mine], dtype=np.float64),
-                     "labels": np.array([r["category_id"] - 1 for r in mine], dtype=np.int64)})
+                     "labels": np.array([label[r["category_id"]] for r in mine], dtype=np.int64)})
     return records, dets
 
 
@@ -168,18 +201,21 @@ def main() -> int:
     p.add_argument("--write", action="store_true", help=f"record the cases and tidecv's numbers in {FIXTURE}")
     args = p.parse_args()
     cases, worst = {}, 0.0
-    for name, seed, ties in (("distinct_scores", 0, False), ("tied_scores", 1, True)):
-        gt, results = synthetic_case(seed, ties=ties)
+    made = {"distinct_scores": lambda: synthetic_case(0), "tied_scores": lambda: synthetic_case(1, ties=True),
+            "coco128": lambda: coco128_case(2)}
+    for name, make in made.items():
+        gt, results = make()
+        classes = [c["name"] for c in gt["categories"]]
         records, dets = coco_to_inputs(gt, results)
-        ours = tide_to_json(tide_analysis(records, dets, CLASSES))
+        ours = tide_to_json(tide_analysis(records, dets, classes))
         ref = run_tidecv(args.tide_python, gt, results)
         print(f"== {name}: {len(gt['images'])} images, {len(gt['annotations'])} objects, {len(results)} detections")
         worst = max(worst, compare(ours, ref))
-        cases[name] = {"gt": gt, "results": results, "tidecv": ref}
+        cases[name] = {"classes": classes, "gt": gt, "results": results, "tidecv": ref}
     print(f"largest difference: {worst:.2e} AP")
     if args.write:
         FIXTURE.parent.mkdir(parents=True, exist_ok=True)
-        FIXTURE.write_text(json.dumps({"classes": CLASSES, "cases": cases}))
+        FIXTURE.write_text(json.dumps({"cases": cases}, separators=(",", ":")))
         print(f"recorded in {FIXTURE}")
     return 0 if worst <= 1e-6 else 1
 

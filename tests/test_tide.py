@@ -25,6 +25,9 @@ def _script():
 
 
 REFERENCE = json.loads(FIXTURE.read_text())
+# The issue asks for 1e-3 AP; the port reproduces tidecv to rounding (4e-16 measured), and a
+# tolerance this tight also catches the 1e-6 slips (how the 101 recall points are made) that 1e-3 hides.
+TOL = 1e-9
 
 
 @pytest.mark.parametrize("case", sorted(REFERENCE["cases"]))
@@ -32,25 +35,25 @@ def test_equals_tidecv_on_recorded_case(case: str) -> None:
     data = REFERENCE["cases"][case]
     ref = data["tidecv"]  # tidecv reports AP x 100
     records, dets = _script().coco_to_inputs(data["gt"], data["results"])
-    result = tide_analysis(records, dets, REFERENCE["classes"])
-    assert result.ap == pytest.approx(ref["ap"] / 100, abs=1e-3)
+    result = tide_analysis(records, dets, data["classes"])
+    assert result.ap == pytest.approx(ref["ap"] / 100, abs=TOL)
     for name in MAIN_ERRORS:
-        assert result.main[name] == pytest.approx(ref["main"][name] / 100, abs=1e-3), name
+        assert result.main[name] == pytest.approx(ref["main"][name] / 100, abs=TOL), name
         assert result.counts[name] == ref["counts"][name], name
     for name in SPECIAL_ERRORS:
-        assert result.special[name] == pytest.approx(ref["special"][name] / 100, abs=1e-3), name
+        assert result.special[name] == pytest.approx(ref["special"][name] / 100, abs=TOL), name
     # per class: tidecv's AP of each class, as matched and with each error type fixed
     per = ref["per_class_ap"]
-    for c in range(len(REFERENCE["classes"])):
-        key = str(c + 1)  # COCO category id
+    for c, cat in enumerate(data["gt"]["categories"]):
+        key = str(cat["id"])  # tidecv keys classes by COCO category id
         base = per["base"].get(key, 0.0) / 100
-        assert result.class_ap[c] == pytest.approx(base, abs=1e-3)
+        assert result.class_ap[c] == pytest.approx(base, abs=TOL)
         for name in MAIN_ERRORS:
             fixed = per[name].get(key, 0.0) / 100
-            assert result.class_main[name][c] == pytest.approx(max(fixed - base, 0.0), abs=1e-3), (name, c)
+            assert result.class_main[name][c] == pytest.approx(max(fixed - base, 0.0), abs=TOL), (name, c)
         for name in SPECIAL_ERRORS:
             fixed = per[name].get(key, 0.0) / 100
-            assert result.class_special[name][c] == pytest.approx(fixed - base, abs=1e-3), (name, c)
+            assert result.class_special[name][c] == pytest.approx(fixed - base, abs=TOL), (name, c)
 
 
 def test_recorded_cases_hold_every_error_kind() -> None:

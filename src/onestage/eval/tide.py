@@ -96,7 +96,9 @@ def tide_ap(tp: np.ndarray, num_gt: int) -> float:
     precision = num_true / np.arange(1, len(tp) + 1)
     recall = num_true / num_gt
     envelope = np.maximum.accumulate(precision[::-1])[::-1]  # remove the dips, as COCOeval
-    idx = np.searchsorted(recall, np.linspace(0, 1, 101), side="left")  # (101,)
+    # recall points k / 100 exactly as tidecv makes them (np.linspace gives 0.15000000000000002
+    # for 0.15, which moves a point when a class's recall is exactly 0.15)
+    idx = np.searchsorted(recall, np.arange(101) / 100, side="left")  # (101,)
     sampled = np.where(idx < len(tp), envelope[np.minimum(idx, len(tp) - 1)], 0.0)
     return float(sampled.mean())
 
