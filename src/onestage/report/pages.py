@@ -130,6 +130,8 @@ def _layout_section(cfg_text: str, class_names: list[str] | None) -> str:
     from onestage.inspect import describe
 
     cfg = Config.model_validate(yaml.safe_load(cfg_text))
+    # the layout needs no weights: never read a backbone weights file (it may be gone by now)
+    cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"backbone_weights": None})})
     info = describe(cfg, build_detector(cfg, class_names), macs=False)
     head = (f"{info['arch']} on {info['backbone']}, input {info['input_size']}, {info['num_classes']} classes, "
             f"{info['parameters']:,} parameters; scores: {info['scoring']}")
@@ -145,9 +147,11 @@ def _dataset_section(cfg: dict, result: dict | None, run_dir: Path) -> str:
     rows = []
     for split in ("train", "val"):
         d = data.get(split) or {}
-        rows.append((split, d.get("format"), d.get("path") or d.get("annotations") or "(generated)",
-                     d.get("num_images") if d.get("num_images") is not None else "-"))
-    out = table(["split", "format", "source", "images (generated sets)"], rows)
+        generated = d.get("format") == "shapes"
+        source = f"generated, seed {d.get('seed')}" if generated else \
+            " ".join(str(d[k]) for k in ("root", "split", "annotations", "images") if d.get(k))
+        rows.append((split, d.get("format"), source, d.get("num_images") if generated else d.get("limit") or "all"))
+    out = table(["split", "format", "source", "images"], rows)
     if result and result.get("per_class"):
         per = result["per_class"]
         out += "<p>Validation objects per class (the evaluated split; crowd / difficult not counted):</p>"
