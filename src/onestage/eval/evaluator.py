@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Literal, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Literal, Mapping, Sequence
 
 import numpy as np
 
@@ -29,6 +29,9 @@ from onestage.eval.coco import (
     records_to_coco_gt,
 )
 from onestage.eval.voc import VocMetric, evaluate_voc
+
+if TYPE_CHECKING:
+    from onestage.eval.tide import TideResult
 
 MetricName = Literal["voc", "coco"]
 
@@ -55,7 +58,7 @@ class EvalResult:
     scores: list[np.ndarray] = field(repr=False)  # C arrays (M_c,)
     iou_threshold: float = 0.5
     voc_metric: VocMetric = "area"
-    tide: Any = None  # a TideResult when TIDE ran (eval.tide.add_tide); result_to_json carries it
+    tide: TideResult | None = None  # a TideResult when TIDE ran (eval.tide.add_tide); result_to_json carries it
 
     @property
     def voc_key(self) -> str:
