@@ -40,6 +40,7 @@ def main() -> int:
     p.add_argument("report", type=Path)
     p.add_argument("--shot", type=Path, help="save a screenshot of the top of the page here (PNG)")
     p.add_argument("--height", type=int, default=2400, help="screenshot height in pixels")
+    p.add_argument("--section", help="start the screenshot at this section's anchor (e.g. training)")
     p.add_argument("--repeat", type=int, default=3)
     args = p.parse_args()
     options = webdriver.ChromeOptions()
@@ -59,6 +60,8 @@ def main() -> int:
         print(f"{args.report}: {args.report.stat().st_size / 1e6:.2f} MB; charts drawn {statistics.median(times):.2f} s "
               f"after opening (median of {args.repeat}; plotly unpacked + charts drawn: {split} ms); CPU {_cpu()}")
         if args.shot:
+            if args.section:
+                driver.execute_script(f"document.getElementById('{args.section}').scrollIntoView()")
             png = Image.open(io.BytesIO(driver.get_screenshot_as_png()))
             png.convert("RGB").quantize(colors=128).save(args.shot, optimize=True)
             print(f"screenshot: {args.shot} ({args.shot.stat().st_size / 1e3:.0f} kB)")

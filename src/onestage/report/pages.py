@@ -56,9 +56,10 @@ def _read_csv(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-def _number(text: str | None) -> float | None:
+def _number(text: str | None) -> str | None:
+    """A metrics.csv cell as a short number (one decimal), or None when empty / not a number."""
     try:
-        return round(float(text), 2) if text not in (None, "") else None
+        return f"{float(text):.1f}" if text not in (None, "") else None
     except ValueError:
         return None
 
@@ -96,7 +97,7 @@ def _summary_section(run_dir: Path, cfg: dict, metrics: dict, rows: list[dict[st
         ("epochs", metrics.get("epochs", last.get("epoch"))),
         ("stopped by", metrics.get("stop_reason")),
         ("training time", f"{seconds / 60:.1f} min" if isinstance(seconds, (int, float)) else None),
-        ("images/s (whole run)", round(images / seconds, 1) if images and seconds else None),
+        ("images/s (whole run)", f"{images / seconds:.1f}" if images and seconds else None),
         ("images/s (last logged step)", _number(steps[-1].get("images_per_s")) if steps else None),
         ("best validation", f"{metrics['best_metric']} = {metrics['best_value']:.4f}"
          if isinstance(metrics.get("best_value"), float) and math.isfinite(metrics["best_value"]) else None),
