@@ -7,6 +7,10 @@ a venv of its own and name its python here.
 
     python3 -m venv /tmp/tidevenv && /tmp/tidevenv/bin/pip install tidecv
     PYTHONPATH=src .venv/bin/python benchmarks/tide_check.py --tide-python /tmp/tidevenv/bin/python [--write]
+    # a real detector's detections instead of the recorded cases:
+    .venv/bin/onestage eval configs/yolov1_shapes.yaml RUN/best.pt data.val.num_images=40 --save-results dets.json
+    PYTHONPATH=src .venv/bin/python benchmarks/tide_check.py --tide-python /tmp/tidevenv/bin/python \
+        --results dets.json --dataset configs/yolov1_shapes.yaml data.val.num_images=40
 
 The data are synthetic, with a fixed seed, built to hold every error kind: per object a
 detection that is right, badly placed (Loc), of another class (Cls), both (Both), a second
@@ -150,6 +154,21 @@ def coco128_case(seed: int) -> tuple[dict, list]:
     return {"images": images, "annotations": anns, "categories": cats}, results
 
 
+def _results_case(config: str, overrides: list[str], results_file: Path) -> tuple[dict, list]:
+    """A real detector's results file and its config's validation ground truth."""
+    from onestage.build import read_dataset
+    from onestage.config import load_config
+    from onestage.eval.coco import records_to_coco_gt
+
+    cfg = load_config(config, overrides)
+    spec = read_dataset(cfg.data.val, cfg)
+    gt = records_to_coco_gt(spec.records, spec.class_names, getattr(spec, "category_ids", None))
+    for a in gt["annotations"]:
+        x, y, w, h = a["bbox"]
+        a["segmentation"] = [[x, y, x + w, y, x + w, y + h, x, y + h]]  # tidecv's loader reads it
+    return gt, json.loads(results_file.read_text())
+
+
 def coco_to_inputs(gt: dict, results: list) -> tuple[list[ImageRecord], list[dict]]:
     """COCO ground truth + results -> onestage records and per-image detections (label = the
     category's index in ``gt["categories"]``)."""
@@ -199,10 +218,18 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tide-python", required=True, help="python of a venv with tidecv installed")
     p.add_argument("--write", action="store_true", help=f"record the cases and tidecv's numbers in {FIXTURE}")
+    p.add_argument("--results", type=Path, help="also compare on this COCO results file (a real detector's, "
+                                                "from `onestage eval CONFIG CKPT --save-results FILE`)")
+    p.add_argument("--dataset", help="the config whose val split is the ground truth of --results")
+    p.add_argument("overrides", nargs="*", help="dotted overrides for --dataset, as given to onestage eval")
     args = p.parse_args()
+    if args.write and args.results:
+        p.error("--write records the built-in cases; leave out --results")
     cases, worst = {}, 0.0
     made = {"distinct_scores": lambda: synthetic_case(0), "tied_scores": lambda: synthetic_case(1, ties=True),
             "coco128": lambda: coco128_case(2)}
+    if args.results is not None:
+        made = {f"{args.results.name}": lambda: _results_case(args.dataset, args.overrides, args.results)}
     for name, make in made.items():
         gt, results = make()
         classes = [c["name"] for c in gt["categories"]]
