@@ -73,19 +73,21 @@ def gallery(paths: Sequence[Path], limit: int = 24) -> str:
 
 
 def table(headers: Sequence[str], rows: Iterable[Sequence[Any]], *, sortable: bool = False,
-          table_id: str | None = None, digits: int = 4) -> str:
+          table_id: str | None = None, digits: int | Sequence[int] = 4) -> str:
     """An HTML table. Each numeric cell keeps its exact value in ``data-value`` (what the
-    sort and the tests read); ``sortable`` sorts on a click on a header."""
+    sort and the tests read) and shows ``digits`` decimals (one number, or one per column);
+    ``sortable`` sorts on a click on a header."""
     cls = ' class="sortable"' if sortable else ""
     tid = f' id="{esc(table_id)}"' if table_id else ""
     head = f"<thead><tr>{''.join(f'<th>{esc(h)}</th>' for h in headers)}</tr></thead>" if headers else ""
     body = []
     for row in rows:
         cells = []
-        for v in row:
+        for col, v in enumerate(row):
             if isinstance(v, (int, float)) and not isinstance(v, bool):
                 value = "" if isinstance(v, float) and math.isnan(v) else repr(float(v))
-                cells.append(f'<td class="num" data-value="{value}">{esc(fmt(v, digits))}</td>')
+                d = digits if isinstance(digits, int) else digits[col]
+                cells.append(f'<td class="num" data-value="{value}">{esc(fmt(v, d))}</td>')
             else:
                 cells.append(f"<td>{esc(fmt(v))}</td>")
         body.append("<tr>" + "".join(cells) + "</tr>")

@@ -199,7 +199,8 @@ def _per_class_table(result: dict) -> str:
             row += [100 * t["main"][n] for n in MAIN_ERRORS] + [100 * t["special"][n] for n in SPECIAL_ERRORS]
         rows.append(row)
     note = "<p class='note'>Click a column header to sort. dAP in AP points (x 100), TIDE at IoU 0.5.</p>"
-    return note + table(headers, rows, sortable=True, table_id="per-class")
+    digits = [0, 4, 0, 0] + [2] * (len(headers) - 4)  # AP as the metric table, dAP in points as the TIDE table
+    return note + table(headers, rows, sortable=True, table_id="per-class", digits=digits)
 
 
 def _tide_section(result: dict | None, charts: Charts) -> str:
@@ -226,11 +227,11 @@ def _evaluation_sections(eval_dir: Path, metrics: dict, charts: Charts) -> list[
         out.append(("metrics", "Metrics", _metric_table(all_metrics)))
     if result and result.get("per_class"):
         out.append(("per-class", "Per class", _per_class_table(result)))
-    if (eval_dir / "pr_curves.png").is_file():
-        out.append(("pr", "Precision-recall curves", img(eval_dir / "pr_curves.png")))
     tide = _tide_section(result, charts)
     if tide:
         out.append(("tide", "Error analysis (TIDE)", tide))
+    if (eval_dir / "pr_curves.png").is_file():
+        out.append(("pr", "Precision-recall curves", img(eval_dir / "pr_curves.png")))
     if confusion:
         counts = [(k.replace("_", " "), v) for k, v in confusion.items() if isinstance(v, (int, float))]
         out.append(("confusion", "Errors at the display threshold",
