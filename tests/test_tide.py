@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from onestage.data.base import ImageRecord
 from onestage.eval.tide import MAIN_ERRORS, SPECIAL_ERRORS, format_tide, tide_ap, tide_analysis, tide_to_json
@@ -170,3 +172,26 @@ def test_bad_input_is_named() -> None:
         tide_analysis([_rec(0, [BOX], [A])], [], ["a"])
     with pytest.raises(ValueError, match="labels must lie"):
         tide_analysis([_rec(0, [BOX], [A])], [_det([BOX], [3], [0.5])], ["a"])
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 2), st.integers(1, 4), st.integers(0, 10**6)), min_size=1, max_size=6))
+def test_perfect_detections_have_no_errors_and_extra_ones_only_add(images: list) -> None:
+    """Property: one exact detection per object gives AP 1 and no error of any kind; adding a
+    background detection on top of every image cannot raise AP, and fixing it gives AP 1 back."""
+    records, perfect, noisy = [], [], []
+    for i, (first_class, n, seed) in enumerate(images):
+        rng = np.random.default_rng(seed)
+        xy = rng.uniform(0, 300, (n, 2))
+        boxes = np.concatenate([xy, xy + rng.uniform(10, 90, (n, 2))], 1).astype(np.float32)
+        labels = (first_class + np.arange(n)) % 3
+        records.append(ImageRecord(image_id=i, width=400, height=400, boxes=boxes, labels=labels))
+        perfect.append(_det(boxes, labels, rng.uniform(0.5, 1.0, n)))
+        noisy.append(_det(np.concatenate([boxes, [[395, 395, 400, 400]]]), np.r_[labels, first_class],
+                          np.r_[perfect[-1]["scores"], 0.99]))
+    clean = tide_analysis(records, perfect, ["a", "b", "c"])
+    assert clean.ap == pytest.approx(1.0)
+    assert all(v == 0 for v in clean.main.values()) and all(v == 0 for v in clean.counts.values())
+    dirty = tide_analysis(records, noisy, ["a", "b", "c"])
+    assert dirty.ap <= clean.ap and dirty.counts["Bkg"] == len(images)
+    assert dirty.ap + dirty.main["Bkg"] == pytest.approx(1.0)
