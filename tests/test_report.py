@@ -49,11 +49,14 @@ def test_run_report_reads_the_folder_and_skips_missing_pieces(tmp_path: Path) ->
     (run / "eval" / "metrics.json").write_text(json.dumps({"voc_ap50": 0.4321, "steps": 2, "seconds": 4.0,
                                                            "images_seen": 16}))
     _png(run / "eval" / "worst" / "000_3.png")
+    (run / "precision.json").write_text(json.dumps({"reason": "fp32 (bf16 measured 9x slower)", "amp": False,
+                                                    "timings": {"fp32": 1.0, "bf16": 9.0}}))
     _png(run / "sub" / "assignment" / "panel0.png", (10, 200, 10))
     page = write_run_report(run).read_text()
     assert _metric_cell(page, "voc_ap50") == 0.4321  # from metrics.json, not the last csv row
     assert "<td>images/s (whole run)</td><td>4.0</td>" in page  # 16 images / 4 s
     assert page.count("<img ") == 2 and "Assignment panels" in page
+    assert "<td>reason</td><td>fp32 (bf16 measured 9x slower)</td>" in page  # the precision the run used
     for missing in ("Per class", "Error analysis (TIDE)", "Model layout", "Precision-recall curves"):
         assert f">{missing}</h2>" not in page  # no result.json, no config, no PR curves: left out
     traces = [t for fig in _chart_data(page).values() for t in fig["data"]]

@@ -26,7 +26,7 @@ CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
          "--disable-component-update", "--disable-sync", "--no-first-run"]
-SMOKE = ["data.train.num_images=16", "data.val.num_images=8", "model.input_size=128", "train.batch_size=8",
+SMOKE = ["data.train.num_images=16", "data.val.num_images=8", "model.input_size=128", "train.batch_size=8", "schedule.warmup_steps=0",
          "eval.num_images_drawn=4"]
 
 

@@ -113,12 +113,21 @@ def _summary_section(run_dir: Path, cfg: dict, metrics: dict, rows: list[dict[st
 
 
 def _precision_section(run_dir: Path, cfg: dict) -> str:
+    """The precision the run asked for (config) and the one it used (precision.json: the
+    measured decision, with its reason and timings), plus any other precision JSON."""
     out = ""
     if cfg.get("precision"):
-        out += key_values(sorted(cfg["precision"].items()))
-    decisions = sorted(p for p in run_dir.rglob("*.json") if "precision" in p.name)
-    for p in decisions:
-        out += details(f"{p.relative_to(run_dir)}", pre(p.read_text()), open_=True)
+        out += "<p>Asked for (config):</p>" + key_values(sorted(cfg["precision"].items()))
+    decision = _read_json(run_dir / "precision.json")
+    if isinstance(decision, dict):
+        used = [(k, decision[k]) for k in ("reason", "amp", "dtype", "channels_last", "loss_scaling", "device",
+                                            "warning") if k in decision]
+        out += "<p>Used (precision.json):</p>" + key_values(used)
+        timings = decision.get("timings")
+        if isinstance(timings, dict) and timings:
+            out += table(["mode", "measured step (s)"], sorted(timings.items(), key=lambda kv: kv[1]), digits=3)
+    for p in sorted(p for p in run_dir.rglob("*.json") if "precision" in p.name):
+        out += details(f"{p.relative_to(run_dir)}", pre(p.read_text()))
     return out
 
 
