@@ -195,3 +195,32 @@ def test_perfect_detections_have_no_errors_and_extra_ones_only_add(images: list)
     dirty = tide_analysis(records, noisy, ["a", "b", "c"])
     assert dirty.ap <= clean.ap and dirty.counts["Bkg"] == len(images)
     assert dirty.ap + dirty.main["Bkg"] == pytest.approx(1.0)
+
+
+def test_eval_results_file_prints_tide(tmp_path: Path, capsys) -> None:
+    """`onestage eval --results FILE --dataset CONFIG --json` carries TIDE: a results file
+    holding the ground truth itself scores AP 1 with no errors; swapping the classes of one
+    image's boxes makes classification errors."""
+    from onestage.build import read_dataset
+    from onestage.cli import main as cli_main
+    from onestage.config import load_config
+    from onestage.eval.coco import coco_image_id_map
+    from onestage.eval.results import save_coco_results
+
+    config, over = str(ROOT / "configs" / "demo_shapes.yaml"), ["data.val.num_images=6"]
+    spec = read_dataset(load_config(config, over).data.val, load_config(config, over))
+    ids = coco_image_id_map([r.image_id for r in spec.records])
+    exact = [_det(r.boxes, r.labels, np.linspace(0.9, 0.5, len(r.labels))) for r in spec.records]
+    swapped = [dict(d) for d in exact]
+    swapped[0]["labels"] = (swapped[0]["labels"] + 1) % len(spec.class_names)
+    for name, dets in (("exact", exact), ("swapped", swapped)):
+        save_coco_results(tmp_path / f"{name}.json", [ids[r.image_id] for r in spec.records], dets,
+                          list(range(1, len(spec.class_names) + 1)))
+        capsys.readouterr()
+        assert cli_main(["eval", "--results", str(tmp_path / f"{name}.json"), "--dataset", config, *over, "--json"]) == 0
+        tide = json.loads(capsys.readouterr().out)["tide"]
+        if name == "exact":
+            assert tide["ap"] == pytest.approx(1.0) and sum(tide["counts"].values()) == 0
+        else:
+            # (a swapped box lying on an object of its new class may count as Loc instead)
+            assert tide["ap"] < 1 and tide["counts"]["Cls"] > 0 and tide["main"]["Cls"] > 0

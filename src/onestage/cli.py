@@ -302,16 +302,19 @@ def _score_results(cfg: Config, results: Path, as_json: bool) -> int:
     """Score a COCO results file from any detector against the config's val split."""
     from onestage.build import read_dataset
     from onestage.eval.coco import records_to_coco_gt
-    from onestage.eval.results import score_results_file
+    from onestage.eval.results import load_coco_results, score_results_file
+    from onestage.eval.tide import format_tide, tide_of_results, tide_to_json
 
     spec = read_dataset(cfg.data.val, cfg)
     gt = records_to_coco_gt(spec.records, spec.class_names, getattr(spec, "category_ids", None))
     metrics = score_results_file(results, gt)
+    tide = tide_of_results(spec.records, gt, load_coco_results(results, gt), spec.class_names)
     if as_json:
-        print(json.dumps(metrics, indent=2))
+        print(json.dumps({**metrics, "tide": tide_to_json(tide)}, indent=2))
     else:
         for key, value in metrics.items():
             print(f"{key:<18}{value:8.4f}")
+        print(format_tide(tide))
     return 0
 
 

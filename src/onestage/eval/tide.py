@@ -376,6 +376,28 @@ def tide_analysis(
     )
 
 
+def tide_of_results(records: Sequence[ImageRecord], gt: Mapping[str, Any], results: Sequence[Mapping[str, Any]],
+                    class_names: Sequence[str]) -> TideResult:
+    """TIDE of a COCO results list (``onestage eval --results``) against ``records``.
+
+    gt: ``coco.records_to_coco_gt(records, class_names, ...)``, whose images follow the
+    records and whose categories follow the classes: it maps the results' image and
+    category ids back to records and labels.
+    """
+    image_index = {img["id"]: i for i, img in enumerate(gt["images"])}
+    label_of = {cat["id"]: c for c, cat in enumerate(gt["categories"])}
+    per_image: list[list[Mapping[str, Any]]] = [[] for _ in records]
+    for r in results:
+        per_image[image_index[r["image_id"]]].append(r)
+    dets = []
+    for rows in per_image:
+        xywh = np.array([r["bbox"] for r in rows], dtype=np.float64).reshape(-1, 4)
+        dets.append({"boxes": np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], 1),  # (K, 4) xyxy pixels
+                     "scores": np.array([r["score"] for r in rows], dtype=np.float64),
+                     "labels": np.array([label_of[r["category_id"]] for r in rows], dtype=np.int64)})
+    return tide_analysis(records, dets, class_names)
+
+
 def _count(split: _Split, kind: str) -> np.ndarray:
     """(C,) errors of ``kind`` per class: a detection's class, or a missed object's."""
     if kind == "Miss":
