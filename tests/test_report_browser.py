@@ -79,7 +79,9 @@ def _open(driver, path: Path) -> float:
     return time.perf_counter() - start
 
 
-def _check_rendered(driver, path: Path, shot: Path) -> None:
+def _check_rendered(driver, path: Path, shot: Path) -> tuple[int, int]:
+    """No console error, every image and chart drawn, nothing fetched from the network; a
+    screenshot of the whole page. Returns (images, charts)."""
     errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
     assert not errors, f"{path}: console errors {errors}"
     sizes = driver.execute_script(
@@ -88,6 +90,8 @@ def _check_rendered(driver, path: Path, shot: Path) -> None:
     charts = driver.execute_script(
         "return Array.from(document.querySelectorAll('div.chart')).map(d => [d.id, d.querySelectorAll('svg').length])")
     assert all(n > 0 for _, n in charts), f"{path}: charts without svg: {charts}"
+    fetched = driver.execute_script("return performance.getEntriesByType('resource').map(e => e.name.slice(0, 40))")
+    assert all(u.startswith(("data:", "file:")) for u in fetched), f"{path}: fetched from outside the file: {fetched}"
     height = driver.execute_script("return document.documentElement.scrollHeight")
     driver.set_window_size(1280, min(int(height) + 100, 12000))
     driver.save_screenshot(str(shot))
