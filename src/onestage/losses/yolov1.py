@@ -59,6 +59,7 @@ from torch import Tensor, nn
 
 from onestage.assign.yolov1 import YoloV1Targets, build_yolov1_targets
 from onestage.boxes import box_iou
+from onestage.losses.functional import weighted_terms
 from onestage.coders import YOLOv1Prediction, check_yolov1_outputs, yolov1_activate, yolov1_cell_decode
 
 ConfTarget = Literal["iou", "one"]
@@ -164,12 +165,11 @@ class YOLOv1Loss(nn.Module):
         noobj = (noobj_f * pred.conf.square()).sum()  # target confidence 0
         cls = (targets.obj[..., None] * (pred.class_probs - targets.class_one_hot.to(dtype)).square()).sum()
 
-        terms = {
-            "coord_xy": self.lambda_coord * coord_xy / n,
-            "coord_wh": self.lambda_coord * coord_wh / n,
-            "obj": obj / n,
-            "noobj": self.lambda_noobj * noobj / n,
-            "cls": cls / n,
-        }
-        terms["total"] = sum(terms.values(), torch.zeros((), dtype=dtype, device=outputs.device))
-        return terms
+        raw = {"coord_xy": coord_xy / n, "coord_wh": coord_wh / n, "obj": obj / n, "noobj": noobj / n, "cls": cls / n}
+        return weighted_terms(raw, self.weights)
+
+    @property
+    def weights(self) -> dict[str, float]:
+        """The paper's lambda_coord on both box terms and lambda_noobj on the empty predictors (eq. 3)."""
+        return {"coord_xy": self.lambda_coord, "coord_wh": self.lambda_coord, "obj": 1.0,
+                "noobj": self.lambda_noobj, "cls": 1.0}

@@ -53,7 +53,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from onestage.assign.yolov3 import AssignMode, IgnoreBy, YoloTargets, assign_yolov3
-from onestage.losses.functional import smooth_l1
+from onestage.losses.functional import smooth_l1, weighted_terms
 from onestage.coders import check_yolov3_outputs, yolov3_decode_boxes
 
 XYLoss = Literal["mse", "bce"]
@@ -204,24 +204,21 @@ class YOLOv3Loss(nn.Module):
             )
             sums, counts = self._raw_terms(raw, targets)
         batch = outputs[0].shape[0]
-        terms: dict[str, Tensor] = {}
-        for name in TERMS:
-            if self.reduction == "sum":
-                value = sums[name] / batch
-            else:
-                value = sums[name] / max(counts[name], 1)
-            terms[name] = self._weight(name) * value
-        terms["total"] = sum(terms[name] for name in TERMS)  # type: ignore[assignment]
-        return terms
+        if self.reduction == "sum":
+            raw_terms = {name: sums[name] / batch for name in TERMS}
+        else:
+            raw_terms = {name: sums[name] / max(counts[name], 1) for name in TERMS}
+        return weighted_terms(raw_terms, self.weights)
 
-    def _weight(self, name: str) -> float:
+    @property
+    def weights(self) -> dict[str, float]:
         return {
             "xy": self.box_weight,
             "wh": self.box_weight * self.wh_weight,
             "obj": self.obj_weight,
             "noobj": self.noobj_weight,
             "cls": self.cls_weight,
-        }[name]
+        }
 
     def _raw_terms(self, raw: list[Tensor], targets: list[YoloTargets]) -> tuple[dict[str, Tensor], dict[str, int]]:
         """Unweighted, unreduced sums of each term over all scales, and their element counts."""
