@@ -40,7 +40,9 @@ from onestage.config import PrecisionConfig
 
 AMP_MIN_SPEEDUP = 1.1  # auto leaves fp32 only for a clear gain: bf16 changes numerics, timings are noisy
 SLOW_WARNING_RATIO = 1.5  # an explicit choice measured this much slower than the alternative warns
-SLOW_STOP_FACTOR = 10.0  # one step this many times the best one so far ends that dtype's measurement
+# One step this many times the fastest comparable one ends that dtype's measurement: it will not be
+# chosen (auto needs 1.1x faster) and is warned about if forced (1.5x); AVX2 bf16 is 7-13x.
+SLOW_STOP_FACTOR = 4.0
 DEFAULT_TIME_LIMIT = 6.0  # seconds for the whole calibration; at least one warmup and one timed step per mode
 DEFAULT_MAX_STEPS = 3  # timed steps per mode at most (after one warmup step each)
 CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
@@ -361,16 +363,6 @@ def _timed_step(
     return elapsed
 
 
-def _step_in_mode(
-    model: nn.Module, images: Mapping[bool, Tensor], mode: Mode, device: torch.device, train: bool,
-    clock: Callable[[], float],
-) -> float:
-    """One timed step in ``mode``; the model is put in the mode's memory format first (untimed)."""
-    dtype, channels_last = mode
-    model.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-    return _timed_step(model, images[channels_last], dtype, device, train, clock)
-
-
 def measure_precision_modes(
     model: nn.Module,
     batch_shape: tuple[int, int, int, int],
@@ -392,11 +384,13 @@ def measure_precision_modes(
     times the fastest comparable step so far (warmup against warmup) ends its dtype at once: that
     step is its figure, and its other memory format is not measured.
     """
-    work = copy.deepcopy(model).to(device)
-    work.train(train)
-    work.zero_grad(set_to_none=True)
+    copies, images = {}, {}  # one copy of the model and the batch per memory format
     x = torch.randn(batch_shape, generator=torch.Generator().manual_seed(0)).to(device)
-    images = {False: x, True: x.contiguous(memory_format=torch.channels_last)}
+    for channels_last in sorted({m[1] for m in modes}):
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        copies[channels_last] = copy.deepcopy(model).to(device, memory_format=fmt).train(train)
+        copies[channels_last].zero_grad(set_to_none=True)
+        images[channels_last] = x.contiguous(memory_format=fmt)
     warmup: dict[Mode, float] = {}
     timed: dict[Mode, list[float]] = {m: [] for m in modes}
     dropped: dict[Mode, float] = {}
@@ -406,7 +400,7 @@ def measure_precision_modes(
             for mode in modes:
                 if any(d[0] == mode[0] for d in dropped):
                     continue
-                seconds = _step_in_mode(work, images, mode, device, train, clock)
+                seconds = _timed_step(copies[mode[1]], images[mode[1]], mode[0], device, train, clock)
                 so_far = list(warmup.values()) if round_ == 0 else [t for ts in timed.values() for t in ts]
                 if seconds > SLOW_STOP_FACTOR * min(so_far, default=math.inf):
                     dropped[mode] = seconds
