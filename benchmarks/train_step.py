@@ -117,6 +117,8 @@ def main() -> None:
     print(f"  {'auto -> ' + _label(decision.dtype, decision.channels_last):<30} {chosen:7.3f} s  {bs / chosen:6.1f} img/s  "
           f"= {old_default / chosen:.2f}x the old default's speed (amp true, channels_last true)")
     print(f"  auto's calibration took {calibration_s:.1f} s (once per machine, model and batch shape; cached): {decision.reason}")
+    print("  its timings (network forward + backward alone): "
+          + ", ".join(f"{k} {t:.3f} s" for k, t in decision.timings.items()))
     if args.no_loader:
         return
 
