@@ -15,8 +15,8 @@ A train step here is the full one: forward under autocast, the detection loss, b
 Each mode runs on its own copy of the model; the first step (allocator, oneDNN kernels) is not
 timed, and the modes take turns step by step (a shared machine's load falls on all alike). A mode
 whose step takes SLOW_STOP_FACTOR (4) x the fastest is not timed again. ``auto`` is timed the
-way a run decides (engine/calibrate.py: forward + backward of the network alone, a few seconds, no
-cache here) and its figure is the full step of the mode it chose.
+way a run decides (engine/calibrate.py on this batch and loss, no optimizer step, a few seconds
+on an idle machine, no cache here) and its figure is the full step of the mode it chose.
 """
 
 from __future__ import annotations
@@ -109,15 +109,17 @@ def main() -> None:
         print(f"  {_label(*mode):<30} {t:7.3f} s  {bs / t:6.1f} img/s  = {t / times['fp32']:5.2f}x fp32's time{note}")
 
     start = time.perf_counter()
-    decision = resolve_precision(cfg.precision, detector.model, (bs, 3, size, size), torch.device("cpu"),
-                                 train=True, cache=False)
+    decision = resolve_precision(
+        cfg.precision, detector.model, (bs, 3, size, size), torch.device("cpu"), train=True, cache=False,
+        images=batch["images"], loss_fn=lambda out: detector.criterion(out, batch["boxes"], batch["labels"])["total"],
+    )
     calibration_s = time.perf_counter() - start
     chosen = times[mode_key(decision.dtype, decision.channels_last)]
     old_default = times["bf16+channels_last"]  # precision.amp: true, channels_last: true before issue 15
     print(f"  {'auto -> ' + _label(decision.dtype, decision.channels_last):<30} {chosen:7.3f} s  {bs / chosen:6.1f} img/s  "
           f"= {old_default / chosen:.2f}x the old default's speed (amp true, channels_last true)")
     print(f"  auto's calibration took {calibration_s:.1f} s (once per machine, model and batch shape; cached): {decision.reason}")
-    print("  its timings (network forward + backward alone): "
+    print("  its timings (forward + loss + backward, no optimizer step): "
           + ", ".join(f"{k} {t:.3f} s" for k, t in decision.timings.items()))
     if args.no_loader:
         return

@@ -84,6 +84,8 @@ def test_small_bf16_gain_stays_fp32_and_layout_follows_the_measurement() -> None
     assert (d.amp, d.channels_last) == (False, False)  # contiguous is the faster fp32 layout here
     assert "bf16 measured only 1.05x faster, under the 1.1x" in d.reason
     assert "channels_last 1.2x slower than contiguous" in d.reason
+    near = {**timings, "fp32+channels_last": 1.05}  # contiguous only 1.05x faster: channels_last stays
+    assert decide_precision(AUTO, AMX, near).channels_last is True
 
 
 def test_explicit_true_with_bf16_ten_times_slower_is_honoured_with_a_warning() -> None:
@@ -166,10 +168,25 @@ def test_measuring_leaves_the_model_and_rng_unchanged(train: bool) -> None:
     assert torch.equal(torch.get_rng_state(), rng)  # the dropout draws came from a forked generator
 
 
+def test_measuring_uses_the_given_batch_and_loss() -> None:
+    seen: list[torch.Size] = []
+
+    def loss_fn(outputs: torch.Tensor) -> torch.Tensor:
+        seen.append(outputs.shape)
+        return outputs.float().pow(2).mean()
+
+    images = torch.rand(2, 3, 8, 8)
+    timings = measure_precision_modes(_net(), (2, 3, 8, 8), CPU, train=True, modes=[(None, False)], time_limit=0.0,
+                                      images=images, loss_fn=loss_fn)
+    assert list(timings) == ["fp32"] and seen == [torch.Size([2, 2, 8, 8])] * 2  # warmup + one timed step
+    with pytest.raises(ValueError, match=r"images of shape \(2, 3, 8, 8\), batch_shape \(4, 3, 8, 8\)"):
+        measure_precision_modes(_net(), (4, 3, 8, 8), CPU, train=True, modes=[(None, False)], images=images)
+
+
 def test_one_very_slow_step_ends_that_dtype(monkeypatch) -> None:
     calls: list[str] = []
 
-    def fake_step(model, images, dtype, device, train, clock) -> float:
+    def fake_step(model, images, dtype, device, train, clock, loss_fn) -> float:
         calls.append(calibrate.mode_key(dtype, images.is_contiguous(memory_format=torch.channels_last)))
         return 1.0 if dtype is None else 20.0
 
@@ -184,7 +201,7 @@ def test_one_very_slow_step_ends_that_dtype(monkeypatch) -> None:
 def test_rounds_stop_at_the_time_limit_after_one_timed_round(monkeypatch) -> None:
     now = [0.0]
 
-    def fake_step(model, images, dtype, device, train, clock) -> float:
+    def fake_step(model, images, dtype, device, train, clock, loss_fn) -> float:
         now[0] += 1.0  # every step takes one second of the fake clock
         return 1.0
 
@@ -199,7 +216,7 @@ class CountingMeasure:
     def __init__(self, timings: dict[str, float]) -> None:
         self.timings, self.calls = timings, 0
 
-    def __call__(self, model, batch_shape, device, *, train, modes, time_limit) -> dict[str, float]:
+    def __call__(self, model, batch_shape, device, *, train, modes, time_limit, images, loss_fn) -> dict[str, float]:
         self.calls += 1
         return dict(self.timings)
 
