@@ -276,7 +276,7 @@ def test_cache_dir_precedence(tmp_path, monkeypatch) -> None:
 def test_doctor_json_on_the_demo_config(tmp_path, monkeypatch, capsys) -> None:
     monkeypatch.setenv("ONESTAGE_CACHE_DIR", str(tmp_path))
     config = str(ROOT / "configs" / "demo_shapes.yaml")
-    assert cli.main(["doctor", config, "train.batch_size=2", "model.input_size=128", "data.train.num_images=4", "--json",
+    assert cli.main(["doctor", config, "train.batch_size=2", "model.input_size=128", "data.train.num_images=4", "data.val.num_images=2", "--json",
                      "--time-limit", "0.05", "--device", "cpu"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["machine"]["cpu"]["capability"] == torch.backends.cpu.get_cpu_capability()
