@@ -198,6 +198,15 @@ def test_one_very_slow_step_ends_that_dtype(monkeypatch) -> None:
     assert calls == ["fp32+channels_last", "fp32", "bf16+channels_last"] + ["fp32+channels_last", "fp32"] * 3
 
 
+def test_a_slow_step_after_the_first_ones_joins_the_median(monkeypatch) -> None:
+    # rounds: warmup (1, 1), round 1 (1, 1), round 2 (50: a load spike, 1)
+    steps = iter([1.0, 1.0, 1.0, 1.0, 50.0, 1.0])
+    monkeypatch.setattr(calibrate, "_timed_step", lambda *args: next(steps))
+    timings = measure_precision_modes(_net(), (2, 3, 8, 8), CPU, train=True, modes=[(None, True), (None, False)],
+                                      time_limit=1e9, max_steps=2)
+    assert timings == {"fp32+channels_last": 25.5, "fp32": 1.0}  # the median of 1 and 50; not dropped
+
+
 def test_rounds_stop_at_the_time_limit_after_one_timed_round(monkeypatch) -> None:
     now = [0.0]
 

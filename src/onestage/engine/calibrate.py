@@ -233,7 +233,7 @@ def _decide_amp(cfg: PrecisionConfig, kind: DeviceKind, timings: Mapping[str, fl
     t32, t_amp = _best(timings, None), _best(timings, dtype)
     if t32 is None or t_amp is None:
         amp = kind.bf16 if cfg.amp == "auto" else bool(cfg.amp)
-        return amp, f"{name} against fp32 not measured, {'native' if kind.bf16 else 'no native'} bf16: {kind.description}", None
+        return amp, f"{name} against fp32 not measured: {kind.description}", None
     if cfg.amp == "auto":
         amp = t_amp * AMP_MIN_SPEEDUP <= t32
         if amp or t_amp >= t32:
@@ -389,17 +389,21 @@ def measure_precision_modes(
     ``batch_shape``: (B, 3, H, W) of the run. ``images`` (that shape) and ``loss_fn`` (outputs ->
     loss, e.g. the criterion on that batch's targets): a real batch and the real loss, so that the
     step timed is the training step (loss included); without them, seeded noise and the sum of
-    the outputs' means (the network's forward and backward alone). The modes take turns, one step each per round, so
-    that a shared machine's changing load falls on all of them alike. Round 0 warms up (allocator,
-    oneDNN kernels) and is not counted; then rounds run until ``time_limit`` seconds have passed
-    (warmup included) or ``max_steps`` rounds, at least one. A step taking ``SLOW_STOP_FACTOR``
-    times the fastest comparable step so far (warmup against warmup) ends its dtype at once: that
-    step is its figure, and its other memory format is not measured.
+    the outputs' means (the network's forward and backward alone).
+
+    The modes take turns, one step each per round, so that a shared machine's changing load falls
+    on all of them alike. Round 0 warms up (allocator, oneDNN kernels) and is not counted; then
+    rounds run until ``time_limit`` seconds have passed (warmup included) or ``max_steps`` rounds,
+    at least one. A mode's warmup or first timed step taking ``SLOW_STOP_FACTOR`` times the
+    fastest comparable step so far (warmup against warmup) ends its dtype at once: that step is
+    its figure, and its other memory format is not measured.
     """
     copies, batches = {}, {}  # one copy of the model and the batch per memory format
     if images is not None and tuple(images.shape) != tuple(batch_shape):
         raise ValueError(f"measure_precision_modes: images of shape {tuple(images.shape)}, batch_shape {batch_shape}")
-    x = images.to(device) if images is not None else torch.randn(batch_shape, generator=torch.Generator().manual_seed(0)).to(device)
+    if images is None:
+        images = torch.randn(batch_shape, generator=torch.Generator().manual_seed(0))
+    x = images.to(device)
     for channels_last in sorted({m[1] for m in modes}):
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         copies[channels_last] = copy.deepcopy(model).to(device, memory_format=fmt).train(train)
@@ -416,7 +420,8 @@ def measure_precision_modes(
                     continue
                 seconds = _timed_step(copies[mode[1]], batches[mode[1]], mode[0], device, train, clock, loss_fn)
                 so_far = list(warmup.values()) if round_ == 0 else [t for ts in timed.values() for t in ts]
-                if seconds > SLOW_STOP_FACTOR * min(so_far, default=math.inf):
+                # Only a mode's first steps can end it; later, a slow step (a load spike) joins the median.
+                if not timed[mode] and seconds > SLOW_STOP_FACTOR * min(so_far, default=math.inf):
                     dropped[mode] = seconds
                 elif round_ == 0:
                     warmup[mode] = seconds
@@ -558,7 +563,8 @@ def resolve_precision(
 
 
 __all__ = [
-    "AMP_MIN_SPEEDUP", "LAYOUT_MIN_SPEEDUP", "CpuInfo", "DeviceKind", "PrecisionCache", "PrecisionDecision", "SLOW_WARNING_RATIO",
+    "AMP_MIN_SPEEDUP", "LAYOUT_MIN_SPEEDUP", "SLOW_STOP_FACTOR", "SLOW_WARNING_RATIO",
+    "CpuInfo", "DeviceKind", "LossFn", "Mode", "PrecisionCache", "PrecisionDecision",
     "amp_dtype", "cache_dir", "calibration_key", "calibration_modes", "cpu_info", "decide_precision",
     "device_kind", "measure_precision_modes", "mode_key", "model_fingerprint", "resolve_precision",
     "static_amp_guess",
