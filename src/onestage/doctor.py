@@ -21,7 +21,7 @@ from onestage.engine.calibrate import (
     DeviceKind,
     LossFn,
     Mode,
-    cache_dir,
+    PrecisionCache,
     calibration_modes,
     cpu_info,
     decide_precision,
@@ -54,7 +54,7 @@ def machine_report() -> dict[str, Any]:
         "cpu": cpu_info().to_json(),
         "threads": torch.get_num_threads(),
         "cuda_devices": _cuda_devices() if torch.cuda.is_available() else [],
-        "cache": str(cache_dir() / "precision.json"),
+        "cache": str(PrecisionCache().path),
     }
 
 
