@@ -299,3 +299,22 @@ def test_doctor_json_on_the_demo_config(tmp_path, monkeypatch, capsys) -> None:
         for mode in result["modes"].values():
             assert mode["images_per_second"] == pytest.approx(2 / mode["seconds_per_step"])
     assert len(json.loads((tmp_path / "precision.json").read_text())["entries"]) == 2  # train and eval
+
+
+def test_doctor_text_report_names_the_cpu_skipped_modes_and_warnings() -> None:
+    from onestage.doctor import format_report, machine_report
+
+    machine = machine_report()
+    part = {
+        "modes": {"fp32": {"seconds_per_step": 0.5, "images_per_second": 4.0}}, "skipped": ["bf16"],
+        "auto": {"reason": "precision: fp32, contiguous (why)"}, "configured": {"reason": "as set", "warning": "slow"},
+    }
+    report = {"model": "m", "batch_shape": [2, 3, 8, 8], "device": "cpu",
+              "precision": {"amp": True, "channels_last": "auto"}, "train": part, "eval": part}
+    lines = format_report(machine, report).splitlines()
+    assert f"  capability {torch.backends.cpu.get_cpu_capability()}, flags: " in "\n".join(lines)
+    assert "    fp32" + " " * 36 + "   0.500       4.0" in lines
+    assert any(line.startswith("    bf16 ") and "not measured" in line for line in lines)
+    assert lines.count("    auto: precision: fp32, contiguous (why)") == 2
+    assert lines.count("    this config (amp=true, channels_last=auto): as set") == 2
+    assert lines.count("    warning: slow") == 2

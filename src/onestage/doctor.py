@@ -139,15 +139,16 @@ def format_report(machine: dict[str, Any], config: dict[str, Any] | None) -> str
     lines.append(f"\n{config['model']}, batch {b[0]} ({'x'.join(map(str, b))}) on {config['device']}")
     for part, title in (("train", "training step (forward + loss + backward)"), ("eval", "evaluation (forward, no grad)")):
         result = config[part]
-        lines.append(f"  {title:<38} s/step  images/s")
+        lines.append(f"  {title:<42} s/step  images/s")
         for key, m in result["modes"].items():
-            lines.append(f"    {key:<36} {m['seconds_per_step']:7.3f}  {m['images_per_second']:8.1f}")
+            lines.append(f"    {key:<40} {m['seconds_per_step']:7.3f}  {m['images_per_second']:8.1f}")
         for key in result["skipped"]:
-            lines.append(f"    {key:<36} not measured: one step of its dtype took {SLOW_STOP_FACTOR:.0f}x the best")
+            lines.append(f"    {key:<40} not measured: a step of its dtype took over {SLOW_STOP_FACTOR:.0f}x the fastest")
         lines.append(f"    auto: {result['auto']['reason']}")
         p = config["precision"]
         if (p["amp"], p["channels_last"]) != ("auto", "auto"):
-            lines.append(f"    this config (amp={p['amp']}, channels_last={p['channels_last']}): {result['configured']['reason']}")
+            amp, layout = (str(v).lower() for v in (p["amp"], p["channels_last"]))
+            lines.append(f"    this config (amp={amp}, channels_last={layout}): {result['configured']['reason']}")
         if result["configured"]["warning"]:
             lines.append(f"    warning: {result['configured']['warning']}")
     return "\n".join(lines)
