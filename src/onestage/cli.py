@@ -389,23 +389,18 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------- inspect
-def _class_names(cfg: Config, num_classes: int | None = None) -> list[str]:
-    """``--num-classes`` placeholders, else the config's ``data.class_names``, else the dataset's."""
-    from onestage.build import read_dataset
-
-    if num_classes is not None:
-        return [f"class{i}" for i in range(num_classes)]
-    if cfg.data.class_names:
-        return list(cfg.data.class_names)
-    return read_dataset(cfg.data.train, cfg).class_names
-
-
 def _describe(config: str, overrides: list[str], num_classes: int | None, priors: Path | None = None) -> dict:
-    from onestage.build import build_detector
+    from onestage.build import build_detector, read_dataset
     from onestage.inspect import describe
 
     cfg = load_config(config, overrides)
-    detector = build_detector(cfg, _class_names(cfg, num_classes))
+    if num_classes is not None:
+        class_names = [f"class{i}" for i in range(num_classes)]
+    elif cfg.data.class_names:
+        class_names = list(cfg.data.class_names)
+    else:
+        class_names = read_dataset(cfg.data.train, cfg).class_names
+    detector = build_detector(cfg, class_names)
     info = describe(cfg, detector)
     if priors is not None:
         if detector.priors is None:
@@ -447,7 +442,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     if args.config is not None:
         cfg = load_config(args.config, args.overrides)
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        report = config_report(cfg, _class_names(cfg), device, time_limit=args.time_limit, cache=not args.no_cache)
+        report = config_report(cfg, device, time_limit=args.time_limit, cache=not args.no_cache)
         report["config"] = args.config
     elif args.overrides:
         raise ConfigError("doctor: key=value overrides need a CONFIG")

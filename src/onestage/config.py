@@ -334,7 +334,7 @@ class PrecisionConfig(Strict):
     # calibration of the model finds it faster. true / false: as set (a warning when measured
     # more than 1.5x slower than the alternative).
     amp: Union[Literal["auto"], bool] = "auto"
-    dtype: Literal["auto", "float16", "bfloat16"] = "auto"  # auto: fp16 on GPU, bf16 on CPU
+    dtype: Literal["auto", "float16", "bfloat16"] = "auto"  # auto: bf16 on CPU and on GPUs with bf16, else fp16
     loss_scale: Union[Literal["dynamic"], float] = "dynamic"  # fp16 only; bf16 needs none
     force_fp32: list[Literal["iou", "loss_reduction", "nms", "decode", "softmax"]] = [
         "iou",

@@ -1,7 +1,9 @@
 """Mixed precision: autocast, loss scaling, and selective fp32 (seed 002, DESIGN.md section 3).
 
-- ``resolve_dtype`` / ``autocast_context``: fp16 autocast on a GPU, bf16 on the CPU (native
-  bf16 doubles matmul throughput there, DESIGN.md section 6); nothing when ``amp`` is off.
+- ``resolve_dtype`` / ``autocast_context``: fp16 autocast on a GPU (bf16 where it supports it),
+  bf16 on the CPU; nothing when ``amp`` is off. Whether ``amp: auto`` turns it on is measured
+  (engine/calibrate.py): bf16 doubles the speed on a CPU with native bf16 and is about ten
+  times slower on one without (AVX2).
 - Selective fp32: numerically fragile operations (IoU, reducing thousands of small loss
   values, NMS, ...) run in fp32 when named in ``precision.force_fp32``. ONE predicate,
   ``should_force_fp32(op_name, cfg)``, decides; ``fp32_region`` applies it.
@@ -80,7 +82,8 @@ def fp32_region(
 
 
 def resolve_dtype(cfg: PrecisionConfig, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype, or None when AMP is off. ``dtype: auto``: bf16 on the CPU, fp16 elsewhere.
+    """The autocast dtype, or None when AMP is off. ``dtype: auto``: bf16 on the CPU and on a GPU
+    that supports it (as ``calibrate.amp_dtype``), fp16 elsewhere.
 
     A run resolves ``amp: auto`` first (``calibrate.resolve_precision``, by measurement); an
     unresolved ``auto`` reaching here takes the unmeasured guess ``static_amp_guess``.
@@ -94,6 +97,8 @@ def resolve_dtype(cfg: PrecisionConfig, device: torch.device) -> torch.dtype | N
         return torch.float16
     if cfg.dtype == "bfloat16":
         return torch.bfloat16
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16  # fp32's exponent range: no loss scaling needed
     return torch.bfloat16 if device.type == "cpu" else torch.float16
 
 
