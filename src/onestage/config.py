@@ -132,7 +132,8 @@ class LossConfig(Strict):
 
 # --------------------------------------------------------------------------- data
 class DatasetConfig(Strict):
-    format: Literal["shapes", "voc", "coco", "yolo"] = "shapes"
+    # mot: videos with MOTChallenge gt.txt (onestage.data.mot; `onestage data make-video`)
+    format: Literal["shapes", "voc", "coco", "yolo", "mot"] = "shapes"
     root: Path | None = None  # dataset folder; relative paths are relative to the config file
     split: str | None = None  # VOC ImageSets name, YOLO split folder, CSV split file...
     annotations: Path | None = None  # COCO JSON or a CSV list of image files

@@ -128,13 +128,24 @@ def load_record_image(rec: ImageRecord) -> np.ndarray:
         return rec.image
     if rec.path is None:
         raise DataError(f"image {rec.image_id!r}: record has neither an in-memory image nor a path")
-    image = load_image(rec.path)
+    if rec.frame_index is not None and _is_video(rec.path):
+        from onestage.data.mot import load_video_frame
+
+        image = load_video_frame(rec.path, rec.frame_index)
+    else:
+        image = load_image(rec.path)
     if image.shape[:2] != (rec.height, rec.width):
         raise DataError(
             f"{rec.path}: image is {image.shape[1]}x{image.shape[0]} but its record says "
             f"{rec.width}x{rec.height}; the file changed after the annotations were read"
         )
     return image
+
+
+def _is_video(path: Path) -> bool:
+    from onestage.video import is_video_file
+
+    return is_video_file(path)
 
 
 def safe_join(root: Path, relative: str | os.PathLike[str]) -> Path:
