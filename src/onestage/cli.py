@@ -72,6 +72,13 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--split", choices=["train", "val"], default="train")
     c.add_argument("--out", type=Path, default=Path("data_check"), help="folder for the sample grid")
     c.add_argument("--augment", type=int, default=0, metavar="N", help="also draw N augmented samples")
+    mv = dsub.add_parser("make-video", help="generate moving-shapes videos with MOTChallenge gt.txt tracks")
+    mv.add_argument("--out", type=Path, required=True, help="folder for the videos (data.*.format: mot root)")
+    mv.add_argument("--videos", type=int, default=4, help="number of videos (default 4)")
+    mv.add_argument("--frames", type=int, default=60, help="frames per video (default 60)")
+    mv.add_argument("--seed", type=int, default=0, help="video v is drawn from seed (SEED, v)")
+    mv.add_argument("--size", type=int, nargs=2, default=(320, 240), metavar=("W", "H"), help="frame size (320 240)")
+    mv.add_argument("--fps", type=float, default=15.0, help="frame rate (default 15)")
     return p
 
 
@@ -103,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_anchors(args)
         if args.command == "data" and args.data_command == "check":
             return cmd_data_check(args)
+        if args.command == "data" and args.data_command == "make-video":
+            return cmd_data_make_video(args)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -240,6 +249,10 @@ def _evaluate_and_report(cfg, detector, val_ds, device, out_dir: Path | None, pr
         (out_dir / "confusion.json").write_text(json.dumps(confusion, indent=2))
         draw_worst_images(val_ds.records, dets, val_ds.class_names, out_dir / "worst", cfg.eval.num_images_drawn,
                           val_ds.image_loader, score_threshold=cfg.eval.display_threshold)
+        if result.stability is not None:  # video data: a timeline per worst track
+            from onestage.eval.stability_report import draw_worst_tracks
+
+            draw_worst_tracks(result.stability, out_dir / "worst_tracks", cfg.eval.num_images_drawn)
     return result, dets
 
 
@@ -465,6 +478,16 @@ def cmd_data_check(args: argparse.Namespace) -> int:
         print(f"augmented samples: {path}")
     print(f"sample grid: {args.out / 'samples.png'}")
     return status
+
+
+def cmd_data_make_video(args: argparse.Namespace) -> int:
+    from onestage.data.moving_shapes import write_moving_shapes
+
+    folders = write_moving_shapes(args.out, args.videos, args.frames, args.seed, width=args.size[0],
+                                  height=args.size[1], fps=args.fps, progress=True)
+    print(f"[make-video] {len(folders)} videos of {args.frames} frames in {args.out} "
+          f"(evaluate with data.val: {{format: mot, root: {args.out}}})")
+    return 0
 
 
 if __name__ == "__main__":

@@ -55,6 +55,8 @@ class EvalResult:
     scores: list[np.ndarray] = field(repr=False)  # C arrays (M_c,)
     iou_threshold: float = 0.5
     voc_metric: VocMetric = "area"
+    # video data: eval.stability.StabilityResult (added by eval.stability_report.add_stability)
+    stability: Any = field(default=None, repr=False)
 
     @property
     def voc_key(self) -> str:
@@ -237,6 +239,10 @@ def format_table(result: EvalResult) -> str:
         f"{'mean':<{width}}  {_fmt(mean):>{col}}  {_fmt(mean_other):>{ocol}}  {sum(r.num_gt for r in rows):>7d}  "
         f"{sum(r.num_det for r in rows):>8d}"
     )
+    if result.stability is not None:
+        from onestage.eval.stability import format_stability
+
+        lines += ["", format_stability(result.stability)]
     return "\n".join(lines)
 
 
@@ -246,7 +252,13 @@ def _json_float(x: float) -> float | None:
 
 
 def result_to_json(result: EvalResult) -> dict[str, Any]:
-    """A JSON-ready dict (metrics, per-class rows, settings); NaN becomes null."""
+    """A JSON-ready dict (metrics, per-class rows, settings); NaN becomes null. On video data
+    the stability figures come as top-level keys too (``eval.stability.stability_to_json``)."""
+    extra: dict[str, Any] = {}
+    if result.stability is not None:
+        from onestage.eval.stability import stability_to_json
+
+        extra = stability_to_json(result.stability)
     return {
         "metrics": {k: _json_float(v) for k, v in result.metrics.items()},
         "per_class": [
@@ -255,4 +267,5 @@ def result_to_json(result: EvalResult) -> dict[str, Any]:
         ],
         "iou_threshold": result.iou_threshold,
         "voc_metric": result.voc_metric,
+        **extra,
     }
