@@ -86,7 +86,8 @@ def _frames_source(seq: Path, log: ProblemLog) -> tuple[str, Path | list[Path], 
             log.error(video, "corrupt_image", f"truncated video: the header announces {info.num_frames} frames, "
                       f"{stored} are stored")
             return None
-        return "video", video, stored, info.width, info.height
+        # a container whose packets outnumber its header's frame count: trust the header
+        return "video", video, min(stored, info.num_frames) if info.num_frames else stored, info.width, info.height
     img_dir = seq / "img1"
     files = sorted(p for p in img_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if img_dir.is_dir() else []
     if not files:
