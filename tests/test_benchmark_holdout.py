@@ -6,8 +6,12 @@ import csv
 import importlib.util
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 LABELS = ROOT / ".." / "shared" / "datasets" / "raccoon" / "data" / "train_labels.csv"
+
+pytestmark = pytest.mark.datasets
 
 
 def _script():

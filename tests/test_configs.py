@@ -24,10 +24,11 @@ def test_shipped_config_validates(path: Path) -> None:
     assert cfg.model.input_size >= 32
 
 
+@pytest.mark.datasets
 def test_raccoon_config_is_the_measured_recipe() -> None:
     cfg = load_config(ROOT / "configs" / "raccoon_ssdlite.yaml")
-    assert cfg.train.time_budget == 20 and cfg.precision.amp and cfg.precision.channels_last
-    assert cfg.matcher.neg_iou == cfg.matcher.pos_iou == 0.5  # no ignore band
+    assert cfg.train.time_budget == 20 and cfg.precision.amp == cfg.precision.channels_last == "auto"
+    assert cfg.model.ssd.matcher.neg_iou == cfg.model.ssd.matcher.pos_iou == 0.5  # no ignore band
     mosaic = build_mosaic(cfg)
     assert mosaic is not None and mosaic.p == 0.5 and mosaic.size == cfg.model.input_size
     assert cfg.data.augment.close_mosaic == 0.2

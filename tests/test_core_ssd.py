@@ -15,7 +15,8 @@ from onestage.coders import ssd_decode, ssd_encode
 from onestage.config import LossConfig, MatcherConfig
 from onestage.losses.functional import smooth_l1
 from onestage.losses.multibox import MultiboxLoss, hard_negative_mask
-from onestage.postprocess import SSDPostProcessor, batched_nms, nms_keep_mask
+from onestage.postprocess import batched_nms, nms_keep_mask
+from onestage.postprocess.ssd import SSDPostProcessor
 from onestage.priors import generate_priors, linear_scales, make_layout
 
 SSD300_MAPS = [(38, 38), (19, 19), (10, 10), (5, 5), (3, 3), (1, 1)]

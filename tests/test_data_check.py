@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from onestage.data.base import ImageRecord
+from onestage.data.record import ImageRecord
 from onestage.data.check import TILE, check_dataset, class_color, draw_boxes
 from onestage.data.problems import DatasetSpec, ProblemLog
 from onestage.data.voc import read_voc
@@ -105,7 +105,7 @@ def test_draw_boxes_draws_edges_in_class_colour() -> None:
     assert draw_boxes(image, np.array([[0, 0, 5, 5]]), np.array([9]), ["cat"]).any()
 
 
-@pytest.mark.skipif(not DATASETS.is_dir(), reason="../shared/datasets not present")
+@pytest.mark.datasets
 def test_real_raccoon_test_split(tmp_path: Path) -> None:
     spec = read_voc(DATASETS / "raccoon", split="data/test_labels.csv")
     report, status = check_dataset(spec, tmp_path / "raccoon.png", num_samples=4)

@@ -25,7 +25,7 @@ BCCD = DATASETS / "bccd"
 RACCOON = DATASETS / "raccoon"
 COCO128 = DATASETS / "coco128"
 
-pytestmark = pytest.mark.skipif(not DATASETS.is_dir(), reason="../shared/datasets not present")
+pytestmark = pytest.mark.datasets
 
 
 def _xml_class_counts(folder: Path) -> Counter:

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from PIL import Image
 
-from onestage.data.base import ImageRecord
+from onestage.data.record import ImageRecord
 from onestage.data.io import image_size, load_image, load_record_image, safe_join
 from onestage.data.problems import DataError
 
@@ -142,6 +142,7 @@ def test_extension_that_lies_reads_by_content(tmp_path: Path) -> None:
     assert image_size(tmp_path / "really_a_jpeg.png") == (16, 8)
 
 
+@pytest.mark.datasets
 def test_real_grayscale_photo_reads_as_rgb() -> None:
     # raccoon holds 3 grayscale JPEGs; whichever the first is, it must come back (H, W, 3).
     images = sorted((DATASETS / "raccoon" / "images").glob("*.jpg"))

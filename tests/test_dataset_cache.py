@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 import numpy as np
 import torch
 
@@ -12,6 +14,8 @@ from onestage.data.transforms import EvalTransform
 from onestage.data.voc import read_voc
 
 RACCOON = Path(__file__).resolve().parents[1] / ".." / "shared" / "datasets" / "raccoon"
+
+pytestmark = pytest.mark.datasets
 
 
 def test_cache_keeps_boxes_and_decodes_once():

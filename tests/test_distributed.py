@@ -239,7 +239,7 @@ SAME_DATA = [
     "precision.amp=false", "ema.enabled=true", "ema.decay=0.9", "dist.sync_bn=true", "dist.timeout_s=60",
     # Every background prior is a "hard negative": at random init the priors' losses are near-ties
     # that rounding noise reorders, and which ones the top-k keeps is not what is tested here.
-    "loss.neg_pos_ratio=100000",
+    "model.ssd.loss.neg_pos_ratio=100000",
     # Contiguous tensors: on CPU, the channels_last kernels' fp32 gradients of this network are
     # ~1.6% off its fp64 gradients (contiguous: 2e-5), which would swamp the comparison.
     "precision.channels_last=false",
@@ -375,7 +375,8 @@ EVAL = ["data.val.num_images=10", "train.batch_size=3", "precision.amp=false", "
 
 
 def _eval_task(cfg, out_dir: Path, kwargs: dict[str, Any]) -> dict[str, Any]:
-    from onestage.build import Detector, build_datasets
+    from onestage.build import build_datasets
+    from onestage.families import Detector
     from onestage.engine.evaluate import evaluate
 
     _, val_ds, _, _ = build_datasets(cfg)

@@ -13,7 +13,7 @@ import pytest
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from onestage.data.base import ImageRecord
+from onestage.data.record import ImageRecord
 from onestage.eval.coco import (
     COCO_METRIC_KEYS,
     coco_image_id_map,
@@ -24,6 +24,8 @@ from onestage.eval.coco import (
 
 DATASETS = Path(__file__).resolve().parents[1] / ".." / "shared" / "datasets"
 COCO128_JSON = DATASETS / "coco128" / "annotations" / "instances_train2017.json"
+
+pytestmark = pytest.mark.datasets
 
 
 def reference_stats(gt_path: Path, results: list[dict]) -> np.ndarray:

@@ -10,7 +10,7 @@ import cv2
 import numpy as np
 import pytest
 
-from onestage.data.base import ImageRecord
+from onestage.data.record import ImageRecord
 from onestage.eval.coco import coco_image_id_map, coco_metrics, detections_to_coco_results, records_to_coco_gt
 from onestage.eval.evaluator import EvalResult, Evaluator, format_table, result_to_json
 from onestage.eval.plots import (
@@ -93,6 +93,7 @@ def coco128() -> tuple[list[ImageRecord], list[str], list[int], list[dict], dict
 
 
 # --------------------------------------------------------------------------- results files
+@pytest.mark.datasets
 def test_save_then_score_equals_scoring_in_memory(tmp_path: Path, coco128):
     records, names, cat_ids, detections, gt = coco128
     id_map = coco_image_id_map([r.image_id for r in records])
@@ -128,6 +129,7 @@ def test_save_then_score_equals_scoring_in_memory(tmp_path: Path, coco128):
         ({"image_id": 9, "category_id": 1, "bbox": [0, 0, 5, 5]}, "missing score"),
     ],
 )
+@pytest.mark.datasets
 def test_malformed_results_name_the_file_and_entry(tmp_path: Path, coco128, entry, message):
     gt = coco128[4]
     good = {"image_id": 9, "category_id": 1, "bbox": [1, 1, 5, 5], "score": 0.9}
@@ -137,6 +139,7 @@ def test_malformed_results_name_the_file_and_entry(tmp_path: Path, coco128, entr
         score_results_file(path, gt)
 
 
+@pytest.mark.datasets
 def test_unreadable_results_files(tmp_path: Path, coco128):
     gt = coco128[4]
     path = tmp_path / "broken.json"
@@ -178,6 +181,7 @@ def test_evaluator_key_follows_the_iou_threshold():
         assert set(metrics) == {key, f"{key}_area", f"{key}_11point"}
 
 
+@pytest.mark.datasets
 def test_evaluator_batches_equal_one_pass(coco128):
     records, names, cat_ids, detections, _ = coco128
     whole = Evaluator(names, metrics=("voc", "coco"), category_ids=cat_ids)

@@ -9,7 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from onestage.config import ConfigError, load_config
-from onestage.data.base import DetectionDataset, ImageRecord
+from onestage.data.base import DetectionDataset
+from onestage.data.record import ImageRecord
 from onestage.data.mosaic import Mosaic, mosaic, mosaic_closed, tile_regions
 from onestage.data.transforms import EvalTransform
 

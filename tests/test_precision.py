@@ -39,13 +39,13 @@ def test_predicate() -> None:
 
 
 def test_resolve_dtype_and_autocast_context() -> None:
-    assert resolve_dtype(PrecisionConfig(dtype="auto"), CPU) == torch.bfloat16
-    assert resolve_dtype(PrecisionConfig(dtype="auto"), torch.device("cuda")) == torch.float16
-    assert resolve_dtype(PrecisionConfig(dtype="float16"), CPU) == torch.float16
+    assert resolve_dtype(PrecisionConfig(amp=True, dtype="auto"), CPU) == torch.bfloat16
+    assert resolve_dtype(PrecisionConfig(amp=True, dtype="auto"), torch.device("cuda")) == torch.float16
+    assert resolve_dtype(PrecisionConfig(amp=True, dtype="float16"), CPU) == torch.float16
     assert resolve_dtype(PrecisionConfig(amp=False), torch.device("cuda")) is None
     with autocast_context(PrecisionConfig(amp=False), CPU):
         assert not torch.is_autocast_enabled("cpu")
-    with autocast_context(PrecisionConfig(), CPU):
+    with autocast_context(PrecisionConfig(amp=True), CPU):
         assert torch.is_autocast_enabled("cpu")
         assert torch.get_autocast_dtype("cpu") == torch.bfloat16
         assert nn.Linear(4, 2)(torch.ones(1, 4)).dtype == torch.bfloat16

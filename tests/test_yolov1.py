@@ -12,14 +12,16 @@ import pytest
 import torch
 from torch import nn
 
-from onestage.assign.yolov1 import NO_OBJECT, build_yolov1_targets, yolov1_cell_encode
+from onestage.assign.yolov1 import NO_OBJECT, build_yolov1_targets
+from onestage.coders import yolov1_cell_encode
 from onestage.losses.yolov1 import YOLOv1Loss, responsible_predictors
 from onestage.models.backbones.base import Backbone, BackboneWeightsError
 from onestage.models.backbones.tiny import TinyBackbone
 from onestage.models.backbones.yolov1_net import YOLOv1PaperBackbone
 from onestage.models.heads.yolov1 import YOLOv1, YOLOv1ConvHead, YOLOv1Head
 from onestage.postprocess import batched_nms
-from onestage.yolov1_decode import YOLOv1PostProcessor, decode_yolov1, yolov1_cell_decode
+from onestage.coders import yolov1_cell_decode
+from onestage.postprocess.yolov1 import YOLOv1PostProcessor, decode_yolov1
 
 
 def logit(p: float) -> float:

@@ -17,7 +17,7 @@ import torch
 from onestage.anchors import normalize_anchors
 from onestage.assign.yolov3 import assign_yolov3
 from onestage.config import AnchorsConfig
-from onestage.yolo_decode import decode_yolov3_boxes
+from onestage.coders import yolov3_decode_boxes
 
 SIZE = 416
 ANCHORS = normalize_anchors(AnchorsConfig().sizes, SIZE)
@@ -247,7 +247,7 @@ def test_encode_then_decode_gives_back_the_boxes() -> None:
         raw[..., 1] = torch.logit(t.ty.clamp(1e-6, 1 - 1e-6))
         raw[..., 2] = t.tw
         raw[..., 3] = t.th
-        decoded = decode_yolov3_boxes(raw, anchors)  # (B, A, H, W, 4)
+        decoded = yolov3_decode_boxes(raw, anchors)  # (B, A, H, W, 4)
         pos = t.obj_mask
         assert torch.allclose(decoded[pos], t.tbox[pos], atol=1e-4)
         b_idx = torch.nonzero(pos)[:, 0]

@@ -12,7 +12,7 @@ from onestage.anchors import normalize_anchors
 from onestage.config import AnchorsConfig
 from onestage.models.backbones.darknet53 import Darknet53Backbone
 from onestage.models.heads.yolov3 import YOLOv3, YOLOv3Head, objectness_prior
-from onestage.yolo_decode import YOLOv3PostProcessor, decode_yolov3
+from onestage.postprocess.yolov3 import YOLOv3PostProcessor, decode_yolov3
 
 ANCHORS_416 = normalize_anchors(AnchorsConfig().sizes, 416)
 

@@ -19,9 +19,11 @@ MAPS = {"mobilenet_v2": 3, "vgg16": 2, "darknet53": 3, "tiny": 3, "yolov1": 1}
 
 
 def zoo_cfg(arch: str, backbone: str):
-    overrides = [f"model.arch={arch}", f"model.backbone={backbone}", "model.input_size=128", "model.width_mult=0.25",
-                 "model.yolov1.hidden=32", "model.yolov3.neck_width=0.25"]
+    overrides = [f"model.arch={arch}", f"model.backbone={backbone}", "model.input_size=128", "model.width_mult=0.25"]
+    if arch == "yolov1":
+        overrides.append("model.yolov1.hidden=32")
     if arch == "yolov3":
+        overrides.append("model.yolov3.neck_width=0.25")
         groups = [[[40 + 10 * i, 40 + 10 * i]] for i in range(MAPS[backbone])]
         overrides.append(f"model.anchors.sizes={json.dumps(groups)}")
     if arch in ("ssd", "ssdlite"):

@@ -7,3 +7,13 @@ import os as _os
 _os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    """``from onestage import load_detector``, imported on first use: ``import onestage`` alone
+    stays light (no torch), for tools that only run exported models."""
+    if name in ("load_detector", "LoadedDetector", "Prediction"):
+        from onestage import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'onestage' has no attribute {name!r}")

@@ -25,18 +25,6 @@ def xyxy_to_cxcywh(boxes: Tensor) -> Tensor:
     return torch.stack(((x1 + x2) * 0.5, (y1 + y2) * 0.5, x2 - x1, y2 - y1), dim=-1)
 
 
-def xyxy_to_xywh(boxes: Tensor) -> Tensor:
-    """(..., 4) xyxy -> (..., 4) COCO's (x, y, w, h) with (x, y) the top-left corner."""
-    x1, y1, x2, y2 = boxes.unbind(-1)
-    return torch.stack((x1, y1, x2 - x1, y2 - y1), dim=-1)
-
-
-def xywh_to_xyxy(boxes: Tensor) -> Tensor:
-    """(..., 4) COCO's (x, y, w, h) -> (..., 4) xyxy."""
-    x, y, w, h = boxes.unbind(-1)
-    return torch.stack((x, y, x + w, y + h), dim=-1)
-
-
 def box_area(boxes: Tensor) -> Tensor:
     """(..., 4) xyxy -> (...) area; inverted boxes have area 0."""
     return (boxes[..., 2] - boxes[..., 0]).clamp(min=0) * (boxes[..., 3] - boxes[..., 1]).clamp(min=0)

@@ -6,53 +6,20 @@ module reads the config. Tests build objects directly, without YAML.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
+import torch
 from torch import Tensor, nn
 
 from onestage.config import Config, ConfigError, DatasetConfig
 from onestage.data.base import DetectionDataset, Transform
 from onestage.data.problems import DatasetSpec, DataError
 from onestage.engine.precision import should_force_fp32
+from onestage.families import Detector, LayoutRow
 from onestage.models.layers import probe
-from onestage.postprocess import Detections
 
 if TYPE_CHECKING:
     from onestage.data.mosaic import Mosaic
-
-
-@dataclass(frozen=True)
-class LayoutRow:
-    """One output map as ``onestage inspect`` shows it."""
-
-    name: str
-    grid: tuple[int, int]  # (H, W) cells
-    anchors_per_cell: int
-    values_per_anchor: int  # values each box owns (SSD: 4 + C + 1; YOLOv3: 4 + 1 + C; YOLOv1: 5)
-    shared_per_cell: int = 0  # values the boxes of a cell share (YOLOv1: C class scores)
-
-    @property
-    def channels(self) -> int:
-        """Output channels per cell."""
-        return self.anchors_per_cell * self.values_per_anchor + self.shared_per_cell
-
-    @property
-    def candidates(self) -> int:
-        return self.grid[0] * self.grid[1] * self.anchors_per_cell
-
-
-@dataclass
-class Detector:
-    """Model, criterion and post-processor: separate objects (DESIGN.md section 2)."""
-
-    model: nn.Module
-    criterion: nn.Module
-    postprocess: Callable[[object], list[Detections]]
-    layout: list[LayoutRow]
-    class_names: list[str]
-    scoring: str  # "softmax over C+1 (background is a class)" or "sigmoid objectness + C classes"
-    priors: Tensor | None = None  # (P, 4) cxcywh normalized, SSD only
 
 
 # ----------------------------------------------------------------------------- data
@@ -194,9 +161,10 @@ def _backbone_map_sizes(backbone: nn.Module, size: int) -> list[int]:
 def build_ssd(
     cfg: Config, class_names: list[str], positives_normalizer: Callable[[Tensor], Tensor] | None = None
 ) -> Detector:
+    from onestage.families.ssd import SSDFamily
     from onestage.losses.multibox import MultiboxLoss
     from onestage.models.heads.ssd import SSD, SSDHead
-    from onestage.postprocess import SSDPostProcessor
+    from onestage.postprocess.ssd import SSDPostProcessor
     from onestage.priors import generate_priors, make_layout
 
     pc = cfg.model.priors
@@ -215,10 +183,13 @@ def build_ssd(
     )
     priors = generate_priors(layout)
     force = _force_fp32(cfg)
-    criterion = MultiboxLoss(priors, cfg.matcher, cfg.loss, force_fp32=force, positives_normalizer=positives_normalizer)
+    ssd = cfg.model.ssd
+    criterion = MultiboxLoss(
+        priors, ssd.matcher, ssd.loss, variances=ssd.variances, force_fp32=force, positives_normalizer=positives_normalizer
+    )
     ev = cfg.eval
     post = SSDPostProcessor(
-        priors, cfg.loss.variances, _or(ev.score_threshold, 0.01), ev.nms_iou, _or(ev.pre_nms_top_k, 200),
+        priors, ssd.variances, _or(ev.score_threshold, 0.01), ev.nms_iou, _or(ev.pre_nms_top_k, 200),
         _or(ev.max_detections, 200), force,
     )
     values = len(class_names) + 1 + 4
@@ -226,7 +197,11 @@ def build_ssd(
         LayoutRow(f"map{i} (step {cfg.model.input_size / h:.0f} px)", (h, w), a, values)
         for i, ((h, w), a) in enumerate(zip(sizes, anchors))
     ]
-    return Detector(model, criterion, post, rows, class_names, "softmax over C+1 classes (background is class 0)", priors)
+    family = SSDFamily(
+        priors, rows, ssd.variances, ssd.matcher.pos_iou, ssd.matcher.neg_iou, ssd.loss.neg_pos_ratio,
+        iou_dtype=torch.float32 if force("iou") else torch.bfloat16,
+    )
+    return Detector(model, criterion, post, rows, class_names, family.scoring, priors, family)
 
 
 def _or(value, default):
@@ -234,29 +209,48 @@ def _or(value, default):
     return default if value is None else value
 
 
-def _backbone(cfg: Config):
-    """A backbone for the YOLO heads (any head sits on any backbone: issue 7)."""
+def _mobilenet_v2(cfg: Config) -> nn.Module:
+    from onestage.models.backbones.mobilenet_v2 import MobileNetV2Backbone
+
+    return MobileNetV2Backbone(cfg.model.width_mult, taps=cfg.model.mobilenet_taps)
+
+
+def _vgg16(cfg: Config) -> nn.Module:
+    from onestage.models.backbones.vgg16 import VGG16Backbone
+
+    return VGG16Backbone()
+
+
+def _darknet53(cfg: Config) -> nn.Module:
+    from onestage.models.backbones.darknet53 import Darknet53Backbone
+
+    return Darknet53Backbone(cfg.model.width_mult)
+
+
+def _tiny(cfg: Config) -> nn.Module:
+    from onestage.models.backbones.tiny import TinyBackbone
+
+    return TinyBackbone()
+
+
+def _yolov1_net(cfg: Config) -> nn.Module:
+    from onestage.models.backbones.yolov1_net import YOLOv1PaperBackbone
+
+    return YOLOv1PaperBackbone()
+
+
+# The backbones, registered explicitly (any head sits on any backbone: issue 7).
+BACKBONES: dict[str, Callable[[Config], nn.Module]] = {
+    "mobilenet_v2": _mobilenet_v2, "vgg16": _vgg16, "darknet53": _darknet53, "tiny": _tiny, "yolov1": _yolov1_net,
+}
+
+
+def _backbone(cfg: Config) -> nn.Module:
+    """The backbone the config names, with its ImageNet weights when given."""
     name = cfg.model.backbone
-    if name == "mobilenet_v2":
-        from onestage.models.backbones.mobilenet_v2 import MobileNetV2Backbone
-
-        backbone = MobileNetV2Backbone(cfg.model.width_mult, taps=cfg.model.mobilenet_taps)
-    elif name == "darknet53":
-        from onestage.models.backbones.darknet53 import Darknet53Backbone
-
-        backbone = Darknet53Backbone(cfg.model.width_mult)
-    elif name == "tiny":
-        from onestage.models.backbones.tiny import TinyBackbone
-
-        backbone = TinyBackbone()
-    elif name == "yolov1":
-        from onestage.models.backbones.yolov1_net import YOLOv1PaperBackbone
-
-        backbone = YOLOv1PaperBackbone()
-    else:
-        from onestage.models.backbones.vgg16 import VGG16Backbone
-
-        backbone = VGG16Backbone()
+    if name not in BACKBONES:
+        raise ConfigError(f"model.backbone: unknown backbone {name!r}; known: {', '.join(BACKBONES)}")
+    backbone = BACKBONES[name](cfg)
     if cfg.model.backbone_weights is not None:
         from onestage.models.backbones.base import load_torchvision_weights
 
@@ -266,9 +260,10 @@ def _backbone(cfg: Config):
 
 def build_yolov3(cfg: Config, class_names: list[str]) -> Detector:
     from onestage.anchors import normalize_anchors
+    from onestage.families.yolov3 import YOLOv3Family
     from onestage.losses.yolov3 import YOLOv3Loss
     from onestage.models.heads.yolov3 import YOLOv3, YOLOv3Head
-    from onestage.yolo_decode import YOLOv3PostProcessor
+    from onestage.postprocess.yolov3 import YOLOv3PostProcessor
 
     y = cfg.model.yolov3
     num_classes = len(class_names)
@@ -298,13 +293,18 @@ def build_yolov3(cfg: Config, class_names: list[str]) -> Detector:
         LayoutRow(f"scale {i} (stride {s})", (o.shape[2], o.shape[3]), len(g), 5 + num_classes)
         for i, (s, g, o) in enumerate(zip(model.strides, sizes, outputs))
     ]
-    return Detector(model, criterion, post, rows, class_names, "sigmoid objectness + C independent class sigmoids")
+    family = YOLOv3Family(
+        anchors, [(o.shape[2], o.shape[3]) for o in outputs], rows, post, assign_mode=criterion.assign_mode,
+        ignore_by=criterion.ignore_by, ignore_thres=criterion.ignore_thres,
+    )  # the criterion's settings: a preset may have replaced the config's
+    return Detector(model, criterion, post, rows, class_names, family.scoring, family=family)
 
 
 def build_yolov1(cfg: Config, class_names: list[str]) -> Detector:
+    from onestage.families.yolov1 import YOLOv1Family
     from onestage.losses.yolov1 import YOLOv1Loss
     from onestage.models.heads.yolov1 import YOLOv1, YOLOv1ConvHead, YOLOv1Head
-    from onestage.yolov1_decode import YOLOv1PostProcessor
+    from onestage.postprocess.yolov1 import YOLOv1PostProcessor
 
     y = cfg.model.yolov1
     num_classes = len(class_names)
@@ -327,7 +327,8 @@ def build_yolov1(cfg: Config, class_names: list[str]) -> Detector:
     # YOLOv1: B boxes (x, y, w, h, conf) per cell share one set of C class scores, so a cell
     # holds 5B + C values rather than B x (5 + C).
     rows = [LayoutRow(f"grid S={y.grid}", (y.grid, y.grid), y.boxes_per_cell, 5, shared_per_cell=num_classes)]
-    return Detector(model, criterion, post, rows, class_names, "sigmoid confidence per box x softmax class probability per cell")
+    family = YOLOv1Family(y.grid, y.boxes_per_cell, num_classes, rows, post)
+    return Detector(model, criterion, post, rows, class_names, family.scoring, family=family)
 
 
 def _force_fp32(cfg: Config) -> Callable[[str], bool]:
@@ -340,13 +341,22 @@ def _force_fp32(cfg: Config) -> Callable[[str], bool]:
     return force
 
 
+# The detector families, registered explicitly: model.arch -> its builder.
+FAMILIES: dict[str, Callable[..., Detector]] = {
+    "ssd": build_ssd, "ssdlite": build_ssd, "yolov3": build_yolov3, "yolov1": build_yolov1,
+}
+
+
 def build_detector(
     cfg: Config, class_names: list[str], positives_normalizer: Callable[[Tensor], Tensor] | None = None
 ) -> Detector:
-    """``positives_normalizer``: the SSD loss's N under DDP (see ``MultiboxLoss``); the YOLO
+    """Model, criterion, post-processor and family of ``cfg.model.arch`` for ``class_names``.
+
+    ``positives_normalizer``: the SSD loss's N under DDP (see ``MultiboxLoss``); the YOLO
     losses divide by the per-process batch size, which is already split-invariant."""
-    if cfg.model.arch in ("ssd", "ssdlite"):
+    arch = cfg.model.arch
+    if arch not in FAMILIES:
+        raise ConfigError(f"model.arch: unknown architecture {arch!r}; known: {', '.join(FAMILIES)}")
+    if arch in ("ssd", "ssdlite"):
         return build_ssd(cfg, class_names, positives_normalizer)
-    if cfg.model.arch == "yolov3":
-        return build_yolov3(cfg, class_names)
-    return build_yolov1(cfg, class_names)
+    return FAMILIES[arch](cfg, class_names)

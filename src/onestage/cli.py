@@ -1,4 +1,4 @@
-"""``onestage`` command line: train | eval | predict | inspect | data check."""
+"""``onestage`` command line: train | eval | predict | inspect | anchors | doctor | data check."""
 
 from __future__ import annotations
 
@@ -9,8 +9,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import torch
-import yaml
 
 from onestage.config import Config, ConfigError, load_config
 
@@ -42,12 +40,18 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="print the metrics as JSON")
     e.add_argument("--out", type=Path, help="folder for PR curves, the confusion summary and the worst images")
 
-    pr = sub.add_parser("predict", help="draw a checkpoint's detections on images")
-    pr.add_argument("config")
+    pr = sub.add_parser(
+        "predict", help="draw a checkpoint's detections on images",
+        description="onestage predict CHECKPOINT INPUTS... --out DIR: the architecture, classes and input "
+                    "transform come from the checkpoint; --config (or key=value overrides) may change inference settings",
+    )
     pr.add_argument("checkpoint", type=Path)
     pr.add_argument("inputs", nargs="+", type=Path, help="images or folders of images")
     pr.add_argument("--out", type=Path, required=True)
+    pr.add_argument("--config", type=Path, help="a YAML whose eval/precision settings override the checkpoint's")
     pr.add_argument("--threshold", type=float, help="display score threshold (default: eval.display_threshold)")
+    pr.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default 16)")
+    pr.add_argument("overrides", nargs="*", default=[], help=argparse.SUPPRESS)
 
     i = sub.add_parser("inspect", help="print the model's output layout")
     i.add_argument("config")
@@ -63,6 +67,14 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--num", type=int, default=9, help="number of anchors (default 9)")
     a.add_argument("--size", type=int, help="network input size (default: model.input_size)")
     a.add_argument("--threshold", type=float, default=0.5, help="assignment IoU threshold for the coverage share")
+
+    dr = sub.add_parser("doctor", help="this machine's torch, CPU/GPU and bf16 support; with a config, step times per precision")
+    dr.add_argument("config", nargs="?", help="experiment YAML: time its model at its batch and input size")
+    dr.add_argument("overrides", nargs="*")
+    dr.add_argument("--json", action="store_true")
+    dr.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available, else cpu)")
+    dr.add_argument("--time-limit", type=float, default=6.0, metavar="S", help="seconds per calibration (default 6)")
+    dr.add_argument("--no-cache", action="store_true", help="do not write the calibration cache")
 
     d = sub.add_parser("data", help="dataset tools")
     dsub = d.add_subparsers(dest="data_command", required=True)
@@ -82,21 +94,37 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(other words, key=value overrides): a word with "=" that is not an option, an option's
+    value (``--out a=b``) or an existing path is an override."""
+    words: list[str] = []
+    overrides: list[str] = []
+    for word in argv:
+        takes_value = bool(words) and words[-1].startswith("--") and "=" not in words[-1] and words[-1] not in _FLAGS
+        if "=" in word and not word.startswith("-") and not takes_value and not Path(word).exists():
+            overrides.append(word)
+        else:
+            words.append(word)
+    return words, overrides
+
+
+# Options that take no value (the word after them is never theirs).
+_FLAGS = {"--json", "--no-progress", "--plot-lr", "--help"}
+
+
 def main(argv: list[str] | None = None) -> int:
     from onestage.data.problems import DataError
     from onestage.engine.checkpoint import CheckpointError
     from onestage.models.backbones.base import BackboneWeightsError
 
     parser = _parser()
-    # Overrides may come after options too (`inspect CFG --json a.b=1`): collect the stray ones.
-    args, extra = parser.parse_known_args(argv)
-    stray = [e for e in extra if e.startswith("-") or "=" not in e]
-    if stray:
-        parser.error(f"unrecognized arguments: {' '.join(stray)}")
-    if extra:
+    # key=value overrides may stand anywhere (`inspect CFG --json a.b=1`): taken out before parsing.
+    words, overrides = split_overrides(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(words)
+    if overrides:
         if not hasattr(args, "overrides"):
-            parser.error(f"{args.command} takes no key=value overrides: {' '.join(extra)}")
-        args.overrides = list(args.overrides or []) + extra
+            parser.error(f"{args.command} takes no key=value overrides: {' '.join(overrides)}")
+        args.overrides = list(args.overrides or []) + overrides
     try:
         if args.command == "train":
             return cmd_train(args)
@@ -108,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_inspect(args)
         if args.command == "anchors":
             return cmd_anchors(args)
+        if args.command == "doctor":
+            return cmd_doctor(args)
         if args.command == "data" and args.data_command == "check":
             return cmd_data_check(args)
         if args.command == "data" and args.data_command == "make-video":
@@ -185,7 +215,7 @@ def _finish_run(cfg: Config, run_dir: Path, summary: dict) -> None:
 
     plot_training_curves(run_dir / "metrics.csv", run_dir / "plots")
     best = run_dir / "best.pt" if (run_dir / "best.pt").exists() else run_dir / "last.pt"
-    detector, val_ds, _, device = _load_for_eval(cfg, best)
+    detector, cfg, val_ds, _, device = _load_for_eval(cfg, best)
     result, dets = _evaluate_and_report(cfg, detector, val_ds, device, run_dir / "eval", progress=True)
     (run_dir / "eval" / "metrics.json").write_text(json.dumps({"checkpoint": str(best), **result.metrics, **summary}, indent=2))
     _draw_dataset_predictions(cfg, detector, val_ds, dets, run_dir / "predictions")
@@ -195,37 +225,19 @@ def _finish_run(cfg: Config, run_dir: Path, summary: dict) -> None:
 
 
 # ----------------------------------------------------------------------------- eval
-def _load_for_eval(cfg: Config, checkpoint: Path, with_data: bool = True):
-    """(detector with the checkpoint's weights, val dataset and its spec or None, device).
+def _load_for_eval(cfg: Config, checkpoint: Path):
+    """(detector, the inference config, val dataset, its spec, device) for evaluating ``checkpoint``.
 
-    Only the val split is read (never the training split), and only when ``with_data``.
+    The architecture and the input transform are the checkpoint's (``onestage.api``); CONFIG
+    chooses the data and the inference settings. Only the val split is read.
     """
-    from onestage.build import build_detector, build_eval_dataset, read_dataset
-    from onestage.engine import distributed as dist
-    from onestage.engine.checkpoint import load_checkpoint
+    from onestage.api import load_detector
+    from onestage.build import build_eval_dataset, read_dataset
 
-    ckpt = load_checkpoint(checkpoint)
-    if ckpt.get("config"):
-        # The architecture is the checkpoint's, whatever the given config says about it:
-        # CONFIG chooses the data and the inference settings.
-        trained = Config.model_validate(yaml.safe_load(ckpt["config"]))
-        cfg = cfg.model_copy(update={"model": trained.model, "loss": trained.loss})
-    class_names = list(ckpt["class_names"]) if ckpt.get("class_names") else None
-    val_ds = val_spec = None
-    if with_data or class_names is None:
-        val_spec = read_dataset(cfg.data.val, cfg, class_names=class_names)
-        class_names = class_names or val_spec.class_names
-        val_ds = build_eval_dataset(cfg, val_spec, class_names)
-    detector = build_detector(cfg, class_names)
-    state = ckpt["model"]
-    if ckpt.get("ema") is not None and cfg.ema.use_for_eval:
-        state = ckpt["ema"]["shadow"]  # evaluate what training validated: the EMA weights
-    detector.model.load_state_dict(state)
-    device = dist.device()
-    detector.model.to(device)
-    if cfg.precision.channels_last:
-        detector.model.to(memory_format=torch.channels_last)
-    return detector, val_ds, val_spec, device
+    loaded = load_detector(checkpoint, config=cfg, batch_size=cfg.train.batch_size)
+    val_spec = read_dataset(loaded.cfg.data.val, loaded.cfg, class_names=loaded.class_names)
+    val_ds = build_eval_dataset(loaded.cfg, val_spec, loaded.class_names)
+    return loaded.detector, loaded.cfg, val_ds, val_spec, loaded.device
 
 
 def _evaluate_and_report(cfg, detector, val_ds, device, out_dir: Path | None, progress: bool, quiet: bool = False):
@@ -259,15 +271,6 @@ def _evaluate_and_report(cfg, detector, val_ds, device, out_dir: Path | None, pr
 def cmd_eval(args: argparse.Namespace) -> int:
     from onestage.eval.evaluator import result_to_json
 
-    # Optional positionals swallow key=value overrides (`eval --results F --dataset CFG a.b=1`):
-    # hand them back to the overrides.
-    moved = []
-    for name in ("checkpoint", "config"):
-        value = getattr(args, name)
-        if value is not None and "=" in str(value) and not Path(value).exists():
-            moved.insert(0, str(value))
-            setattr(args, name, None)
-    args.overrides = moved + list(args.overrides)
     config = args.dataset or args.config
     if config is None:
         raise ConfigError("eval: give CONFIG (or --dataset CONFIG with --results)")
@@ -276,7 +279,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return _score_results(cfg, args.results, args.json)
     if args.checkpoint is None:
         raise ConfigError("eval: give a CHECKPOINT to evaluate, or --results FILE.json to score")
-    detector, val_ds, val_spec, device = _load_for_eval(cfg, args.checkpoint)
+    detector, cfg, val_ds, val_spec, device = _load_for_eval(cfg, args.checkpoint)
     result, dets = _evaluate_and_report(cfg, detector, val_ds, device, args.out, progress=not args.json, quiet=args.json)
     if args.save_results is not None:
         from onestage.eval.coco import coco_image_id_map
@@ -350,57 +353,53 @@ def _collect_images(inputs: list[Path]) -> list[Path]:
 def cmd_predict(args: argparse.Namespace) -> int:
     import cv2
 
-    from onestage.build import build_transform
+    from tqdm import tqdm
+
+    from onestage.api import load_detector, save_predictions
     from onestage.data.check import draw_boxes
     from onestage.data.io import load_image
-    from onestage.engine.precision import autocast_context
 
-    cfg = load_config(args.config)
-    detector, _, _, device = _load_for_eval(cfg, args.checkpoint, with_data=False)
-    transform = build_transform(cfg, train=False)
-    threshold = cfg.eval.display_threshold if args.threshold is None else args.threshold
+    if args.checkpoint.suffix in (".yaml", ".yml"):  # the form before 0.2: predict CONFIG CHECKPOINT INPUTS
+        print(f"note: `predict CONFIG CHECKPOINT` is now `predict CHECKPOINT ... --config CONFIG`; "
+              f"reading {args.checkpoint} as --config", file=sys.stderr)
+        args.config, args.checkpoint, args.inputs = args.checkpoint, args.inputs[0], args.inputs[1:]
+        if not args.inputs:
+            raise ConfigError("predict: give images or folders after the checkpoint")
+    det = load_detector(args.checkpoint, config=args.config, overrides=args.overrides, batch_size=args.batch_size)
+    files = _collect_images(args.inputs)
     args.out.mkdir(parents=True, exist_ok=True)
-    results = []
-    detector.model.eval()
-    for path in _collect_images(args.inputs):
-        image = load_image(path)
-        h, w = image.shape[:2]
-        tensor, _, _ = transform(image, np.zeros((0, 4), np.float32), np.zeros((0,), np.int64))
-        batch = tensor[None].to(device)
-        with torch.no_grad(), autocast_context(cfg.precision, device):
-            det = detector.postprocess(detector.model(batch))[0]
-        boxes = np.asarray(transform.invert_boxes(det.boxes.float().cpu().numpy(), w, h), dtype=np.float32)
-        scores, labels = det.scores.float().cpu().numpy(), det.labels.cpu().numpy()
-        keep = scores >= threshold
-        drawn = draw_boxes(image, boxes[keep], labels[keep], detector.class_names, scores[keep])
-        cv2.imwrite(str(args.out / f"{path.stem}.png"), cv2.cvtColor(drawn, cv2.COLOR_RGB2BGR))
-        results.append({
-            "image": str(path), "width": w, "height": h,
-            "detections": [
-                {"box_xyxy": [round(float(v), 2) for v in b], "score": round(float(s), 4),
-                 "label": int(c), "class": detector.class_names[int(c)]}
-                for b, s, c in zip(boxes[keep], scores[keep], labels[keep])
-            ],
-        })
-        print(f"{path}: {int(keep.sum())} detections")
-    (args.out / "detections.json").write_text(json.dumps(results, indent=2))
+    predictions = []
+    for start in tqdm(range(0, len(files), args.batch_size), desc="predict", unit="batch", dynamic_ncols=True):
+        chunk = files[start : start + args.batch_size]
+        images = [load_image(path) for path in chunk]  # decoded once: predicted on, then drawn
+        for path, image, p in zip(chunk, images, det.predict(images, threshold=args.threshold)):
+            drawn = draw_boxes(image, p.boxes, p.labels, det.class_names, p.scores)
+            cv2.imwrite(str(args.out / f"{path.stem}.png"), cv2.cvtColor(drawn, cv2.COLOR_RGB2BGR))
+            tqdm.write(f"{path}: {len(p)} detections")
+            predictions.append(p)
+    save_predictions(predictions, [str(f) for f in files], args.out / "detections.json")
     print(f"[predict] drawn images and detections.json in {args.out}")
     return 0
 
 
 # ----------------------------------------------------------------------------- inspect
+def _class_names(cfg: Config, num_classes: int | None = None) -> list[str]:
+    """``--num-classes`` placeholders, else the config's ``data.class_names``, else the dataset's."""
+    from onestage.build import read_dataset
+
+    if num_classes is not None:
+        return [f"class{i}" for i in range(num_classes)]
+    if cfg.data.class_names:
+        return list(cfg.data.class_names)
+    return read_dataset(cfg.data.train, cfg).class_names
+
+
 def _describe(config: str, overrides: list[str], num_classes: int | None, priors: Path | None = None) -> dict:
-    from onestage.build import build_detector, read_dataset
+    from onestage.build import build_detector
     from onestage.inspect import describe
 
     cfg = load_config(config, overrides)
-    if num_classes is not None:
-        class_names = [f"class{i}" for i in range(num_classes)]
-    elif cfg.data.class_names:
-        class_names = list(cfg.data.class_names)
-    else:
-        class_names = read_dataset(cfg.data.train, cfg).class_names
-    detector = build_detector(cfg, class_names)
+    detector = build_detector(cfg, _class_names(cfg, num_classes))
     info = describe(cfg, detector)
     if priors is not None:
         if detector.priors is None:
@@ -428,6 +427,28 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         print(json.dumps({"a": first, "b": info}, indent=2))
         return 0
     print(format_layout(first), format_layout(info), format_comparison(first, info), sep="\n\n")
+    return 0
+
+
+# ----------------------------------------------------------------------------- doctor
+def cmd_doctor(args: argparse.Namespace) -> int:
+    import torch
+
+    from onestage.doctor import config_report, format_report, machine_report
+
+    machine = machine_report()
+    report = None
+    if args.config is not None:
+        cfg = load_config(args.config, args.overrides)
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        report = config_report(cfg, _class_names(cfg), device, time_limit=args.time_limit, cache=not args.no_cache)
+        report["config"] = args.config
+    elif args.overrides:
+        raise ConfigError("doctor: key=value overrides need a CONFIG")
+    if args.json:
+        print(json.dumps({"machine": machine, "config": report}, indent=2))
+    else:
+        print(format_report(machine, report))
     return 0
 
 

@@ -8,6 +8,7 @@ path (``train.warmup_stpes``) and the keys that are allowed there. Command-line 
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any, Literal, Union
 
@@ -84,28 +85,6 @@ class YOLOv1Config(Strict):
     conf_target: Literal["iou", "one"] = "iou"
 
 
-class ModelConfig(Strict):
-    # Which detector: SSD-family heads score C+1 classes, YOLO ones objectness + C.
-    arch: Literal["ssd", "ssdlite", "yolov3", "yolov1"] = "ssd"
-    # tiny: a small conv stack for CPU training; yolov1: the 24-conv network of the YOLOv1 paper.
-    backbone: Literal["mobilenet_v2", "vgg16", "darknet53", "tiny", "yolov1"] = "mobilenet_v2"
-    width_mult: float = Field(1.0, gt=0, le=2)  # MobileNetV2 / Darknet-53 width multiplier
-    # MobileNetV2 maps: "blocks" (outputs of blocks 6 and 13) or "expansion" (the expansion
-    # layers of blocks 7 and 14, as SSDLite in the MobileNetV2 paper, section 6.2)
-    mobilenet_taps: Literal["blocks", "expansion"] = "blocks"
-    input_size: int = Field(300, ge=32, le=2048)  # square network input, pixels
-    # SSD extra layers' output channels, one per extra map after the backbone's maps; null:
-    # the backbone's default (MobileNetV2 [512, 256, 256]; VGG16 the reference [512, 256, 256, 256]).
-    extra_channels: list[int] | None = None
-    priors: PriorsConfig = PriorsConfig()
-    anchors: AnchorsConfig = AnchorsConfig()
-    yolov3: YOLOv3Config = YOLOv3Config()
-    yolov1: YOLOv1Config = YOLOv1Config()
-    # ImageNet weights for the backbone, in torchvision's state_dict format (optional).
-    backbone_weights: Path | None = None
-
-
-# --------------------------------------------------------------------------- assignment + loss
 class MatcherConfig(Strict):
     """SSD matching (DESIGN.md section 3): positive >= pos_iou, background < neg_iou."""
 
@@ -120,6 +99,8 @@ class MatcherConfig(Strict):
 
 
 class LossConfig(Strict):
+    """The SSD multibox loss (DESIGN.md section 3); see losses/multibox.py."""
+
     alpha: float = Field(1.0, ge=0)  # weight of the localization term
     # SSD localization term: smooth L1 on the encoded offsets (the paper), or 1 - GIoU of
     # the decoded box and its ground truth (scale-free: a large object's box counts by overlap)
@@ -127,7 +108,55 @@ class LossConfig(Strict):
     beta: float = Field(1.0, gt=0)  # smooth L1 threshold
     neg_pos_ratio: float = Field(3.0, ge=0)  # hard negatives kept per positive
     normalize: Literal["batch", "image"] = "batch"  # divide by positives of the batch / each image
+
+
+class SSDConfig(Strict):
+    """The SSD family (SSD, SSDLite): box encoding, matching and loss.
+
+    ``variances`` is the box encoding (``coders.ssd_encode``), which inference reads too;
+    ``matcher`` and ``loss`` are read by training only.
+    """
+
     variances: tuple[float, float] = (0.1, 0.2)
+    matcher: MatcherConfig = MatcherConfig()
+    loss: LossConfig = LossConfig()
+
+
+class ModelConfig(Strict):
+    # Which detector: SSD-family heads score C+1 classes, YOLO ones objectness + C.
+    arch: Literal["ssd", "ssdlite", "yolov3", "yolov1"] = "ssd"
+    # tiny: a small conv stack for CPU training; yolov1: the 24-conv network of the YOLOv1 paper.
+    backbone: Literal["mobilenet_v2", "vgg16", "darknet53", "tiny", "yolov1"] = "mobilenet_v2"
+    width_mult: float = Field(1.0, gt=0, le=2)  # MobileNetV2 / Darknet-53 width multiplier
+    # MobileNetV2 maps: "blocks" (outputs of blocks 6 and 13) or "expansion" (the expansion
+    # layers of blocks 7 and 14, as SSDLite in the MobileNetV2 paper, section 6.2)
+    mobilenet_taps: Literal["blocks", "expansion"] = "blocks"
+    input_size: int = Field(300, ge=32, le=2048)  # square network input, pixels
+    # SSD extra layers' output channels, one per extra map after the backbone's maps; null:
+    # the backbone's default (MobileNetV2 [512, 256, 256]; VGG16 the reference [512, 256, 256, 256]).
+    extra_channels: list[int] | None = None
+    # Each family's own section; setting another family's section is an error (below).
+    priors: PriorsConfig = PriorsConfig()  # SSD default boxes
+    ssd: SSDConfig = SSDConfig()  # SSD encoding, matching, loss
+    anchors: AnchorsConfig = AnchorsConfig()  # YOLOv3 anchors
+    yolov3: YOLOv3Config = YOLOv3Config()
+    yolov1: YOLOv1Config = YOLOv1Config()
+    # ImageNet weights for the backbone, in torchvision's state_dict format (optional).
+    backbone_weights: Path | None = None
+
+    @model_validator(mode="after")
+    def _one_family(self) -> "ModelConfig":
+        """A section of another family is an error, never silently ignored (a setting equal to
+        its default is fine: a resolved config lists every section)."""
+        owners = {"priors": ("ssd", "ssdlite"), "ssd": ("ssd", "ssdlite"), "extra_channels": ("ssd", "ssdlite"),
+                  "anchors": ("yolov3",), "yolov3": ("yolov3",), "yolov1": ("yolov1",)}
+        for key, archs in owners.items():
+            if self.arch not in archs and getattr(self, key) != type(self).model_fields[key].default:
+                raise ValueError(
+                    f"model.{key} belongs to model.arch {' / '.join(archs)}, but this config's model.arch is "
+                    f"{self.arch!r}: remove it (or change model.arch)"
+                )
+        return self
 
 
 # --------------------------------------------------------------------------- data
@@ -194,7 +223,11 @@ class ScheduleConfig(Strict):
 
 
 class PrecisionConfig(Strict):
-    amp: bool = True
+    # auto: chosen by measurement (engine/calibrate.py resolve_precision): on a GPU autocast
+    # (bf16 where supported, else fp16 + loss scaling); on the CPU bf16 only where a short
+    # calibration of the model finds it faster. true / false: as set (a warning when measured
+    # more than 1.5x slower than the alternative).
+    amp: Union[Literal["auto"], bool] = "auto"
     dtype: Literal["auto", "float16", "bfloat16"] = "auto"  # auto: fp16 on GPU, bf16 on CPU
     loss_scale: Union[Literal["dynamic"], float] = "dynamic"  # fp16 only; bf16 needs none
     force_fp32: list[Literal["iou", "loss_reduction", "nms", "decode", "softmax"]] = [
@@ -202,7 +235,7 @@ class PrecisionConfig(Strict):
         "loss_reduction",
         "nms",
     ]
-    channels_last: bool = True
+    channels_last: Union[Literal["auto"], bool] = "auto"  # NHWC memory format; auto: the faster one measured
 
 
 class EMAConfig(Strict):
@@ -218,7 +251,11 @@ class TrainConfig(Strict):
     # Images per process and per forward pass: with torchrun, each of the N processes (GPUs)
     # takes this many, so one optimizer step sees batch_size x N x accumulate images.
     batch_size: int = Field(16, ge=1)
-    time_budget: float | None = Field(None, gt=0)  # minutes; stretches the schedule over it
+    # minutes of wall time for the whole run (set-up, steps, validation, the final evaluation);
+    # the schedule stretches over the steps it affords at the measured pace (engine/budget.py)
+    time_budget: float | None = Field(None, gt=0)
+    # with a time budget: the largest share of the time spent that validation may take
+    val_budget_share: float = Field(0.1, gt=0, le=1)
     grad_clip: float | None = Field(10.0, gt=0)  # max gradient norm; null disables
     accumulate: int = Field(1, ge=1)  # gradient accumulation steps
     eval_every: int = Field(1, ge=1)  # epochs between validations
@@ -266,8 +303,6 @@ class EvalConfig(Strict):
 class Config(Strict):
     seed: int = 0
     model: ModelConfig = ModelConfig()
-    matcher: MatcherConfig = MatcherConfig()
-    loss: LossConfig = LossConfig()
     data: DataConfig = DataConfig()
     optim: OptimConfig = OptimConfig()
     schedule: ScheduleConfig = ScheduleConfig()
@@ -334,6 +369,44 @@ def _resolve_paths(cfg: Config, base: Path) -> None:
                 setattr(ds, name, value.resolve() if value.exists() else candidate)
 
 
+# Sections that moved (old top-level key -> its new path); old files and checkpoints still load.
+MOVED_SECTIONS = {"matcher": ("model", "ssd", "matcher"), "loss": ("model", "ssd", "loss")}
+
+
+def migrate_legacy(data: dict, source: str) -> dict:
+    """Move sections of the layout before onestage 0.2 to their new place, with a note.
+
+    ``matcher`` and ``loss`` (SSD-only) now live under ``model.ssd``, and ``loss.variances``
+    (the box encoding, read by inference too) is ``model.ssd.variances``.
+    """
+    moved = []
+    for old, new in MOVED_SECTIONS.items():
+        if old not in data:
+            continue
+        section = data.pop(old)
+        node = data
+        for part in new[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{source}: {'.'.join(new[:-1])} is not a section")
+        if isinstance(section, dict) and old == "loss" and "variances" in section:
+            node["variances"] = section.pop("variances")
+            moved.append("loss.variances -> model.ssd.variances")
+        node[new[-1]] = section
+        moved.append(f"{old} -> {'.'.join(new)}")
+    if moved:
+        warnings.warn(f"{source}: old config layout, read as the new one: {', '.join(moved)}", stacklevel=3)
+    return data
+
+
+def config_from_dict(data: dict, source: str = "<dict>") -> Config:
+    """Validate a config mapping (old layouts migrated first); errors name the key path."""
+    try:
+        return Config.model_validate(migrate_legacy(data, source))
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, source)) from None
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Read a YAML experiment file (or defaults when None), apply overrides, validate."""
     source = str(path) if path is not None else "<defaults>"
@@ -348,11 +421,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
-    data = apply_overrides(data, overrides or [])
-    try:
-        cfg = Config.model_validate(data)
-    except ValidationError as exc:
-        raise ConfigError(_format_errors(exc, source)) from None
+    cfg = config_from_dict(apply_overrides(data, overrides or []), source)
     if path is not None:
         _resolve_paths(cfg, Path(path).resolve().parent)
     return cfg

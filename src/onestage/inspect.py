@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from onestage.build import Detector
+from onestage.families import Detector
 from onestage.config import Config
 
 

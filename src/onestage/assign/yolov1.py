@@ -15,7 +15,7 @@ Rules, on a whole padded batch at once (no loop over images, objects or cells):
    predicted boxes (``onestage.losses.yolov1.responsible_predictors``), not here.
 
 Box target per cell, the "cell" encoding (``yolov1_cell_encode``; the inverse is
-``onestage.yolov1_decode.yolov1_cell_decode``): (x, y) = offset of the centre inside the
+``onestage.coders.yolov1_cell_decode``): (x, y) = offset of the centre inside the
 cell, in [0, 1) (1 only on the last cell's far edge); (w, h) = size as fractions of the image.
 """
 
@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from onestage.boxes import xyxy_to_cxcywh
+from onestage.coders import yolov1_cell_encode
 
 NO_OBJECT = -1
 
@@ -46,23 +46,6 @@ class YoloV1Targets:
     def obj(self) -> Tensor:
         """(N, S, S) bool: 1_i^obj of the paper, the cell holds an object."""
         return self.gt_index >= 0
-
-
-def yolov1_cell_encode(boxes: Tensor, S: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Boxes -> their responsible cell and cell-relative encoding.
-
-    boxes: (..., 4) xyxy normalized. Returns row (...) int64, col (...) int64 in [0, S), and
-    (..., 4) (x, y, w, h): centre offset in the cell and size as fractions of the image.
-    Centres are clamped into [0, 1] first, so a box slightly outside the image still gets a
-    cell on the grid.
-    """
-    cxcywh = xyxy_to_cxcywh(boxes.float())
-    centre = cxcywh[..., :2].clamp(0.0, 1.0) * S  # (..., 2) in grid units
-    cell = centre.floor().clamp(max=S - 1)  # (..., 2) (col, row)
-    offsets = centre - cell  # [0, 1), 1 only on the far edge
-    wh = cxcywh[..., 2:].clamp(min=0.0)  # an inverted box counts as empty, never negative
-    col, row = cell.long().unbind(-1)
-    return row, col, torch.cat((offsets, wh), dim=-1)
 
 
 @torch.no_grad()

@@ -19,7 +19,7 @@ fp64 and snapped to 1/65536 of a cell before the floor, so that a centre on a bo
 pixels (200 px at stride 8) is on the border whatever the rounding of the normalized
 coordinate (the fp32 centre of a 140..260 px box at 416, times 52, is 24.9999993).
 
-Targets (the exact inverse of ``onestage.yolo_decode``):
+Targets (``onestage.coders``, the exact inverse of ``yolov3_decode_boxes``):
 ``tx = gx - floor(gx)``, ``ty`` alike (in [0, 1); 1.0 only for a centre on the right/bottom
 image edge), ``tw = log(w / anchor_w)``, ``th = log(h / anchor_h)``.
 
@@ -52,12 +52,10 @@ import torch
 from torch import Tensor
 
 from onestage.boxes import box_iou, wh_iou, xyxy_to_cxcywh
+from onestage.coders import yolov3_encode_centre, yolov3_encode_wh
 
 AssignMode = Literal["global", "per_scale"]
 IgnoreBy = Literal["prediction", "anchor"]
-
-# Grid coordinates are snapped to this fraction of a cell before the floor (module docstring).
-_GRID_SNAP = 65536.0
 
 
 @dataclass
@@ -166,11 +164,8 @@ class _Cells:
 
 def _cells(cxcywh: Tensor, h: int, w: int) -> _Cells:
     """Each object's cell and fractional offset on an (h, w) grid (module docstring, "Cell")."""
-    gx = torch.round(cxcywh[..., 0].double() * w * _GRID_SNAP) / _GRID_SNAP  # (B, M)
-    gy = torch.round(cxcywh[..., 1].double() * h * _GRID_SNAP) / _GRID_SNAP
-    gi = gx.floor().clamp(0, w - 1)
-    gj = gy.floor().clamp(0, h - 1)
-    return _Cells(gi=gi.long(), gj=gj.long(), tx=(gx - gi).float(), ty=(gy - gj).float())
+    gi, gj, tx, ty = yolov3_encode_centre(cxcywh[..., 0], cxcywh[..., 1], h, w)  # (B, M) each
+    return _Cells(gi=gi, gj=gj, tx=tx, ty=ty)
 
 
 def _ignored(
@@ -225,7 +220,7 @@ def _scatter(
 
     # Per-object values, gathered into the slots through gt_index.
     anchor_wh = anchors[anchor_idx]  # (B, M, 2)
-    log_wh = torch.log(cxcywh[..., 2:].clamp(min=1e-12) / anchor_wh)  # (B, M, 2); padding is masked below
+    log_wh = yolov3_encode_wh(cxcywh[..., 2:], anchor_wh)  # (B, M, 2); padding is masked below
     per_obj = torch.cat((cells.tx[..., None], cells.ty[..., None], log_wh, boxes), dim=-1)
     # (B, M, 8): tx, ty, tw, th, x1, y1, x2, y2
     flat_index = gt_index.clamp(min=0).view(batch, -1)  # (B, A*H*W)

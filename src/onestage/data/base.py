@@ -27,47 +27,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from onestage.data.io import load_record_image
+from onestage.data.problems import DataError
+from onestage.data.record import ImageRecord
+
 if TYPE_CHECKING:
     from onestage.data.mosaic import Mosaic
 
 PAD_LABEL = -1
-
-
-@dataclass
-class ImageRecord:
-    """One image and its annotations, as read from disk (see the module docstring)."""
-
-    image_id: int | str
-    width: int
-    height: int
-    boxes: np.ndarray  # (N, 4) float32 xyxy absolute pixels
-    labels: np.ndarray  # (N,) int64 in [0, C)
-    difficult: np.ndarray | None = None  # (N,) bool; VOC `difficult`, COCO `iscrowd`
-    path: Path | None = None  # image file; None for images held in memory (synthetic data)
-    image: np.ndarray | None = None  # (H, W, 3) uint8 RGB when held in memory
-    areas: np.ndarray | None = None  # (N,) COCO annotation `area` (segment area); box area when None
-    # Video frames (format mot): each object's track id, the frame's 0-based index in its
-    # video and the video's name; ``path`` is then the video file (or the frame's image).
-    track_ids: np.ndarray | None = None  # (N,) int64
-    frame_index: int | None = None
-    video: str | None = None
-
-    def __post_init__(self) -> None:
-        self.boxes = np.asarray(self.boxes, dtype=np.float32).reshape(-1, 4)
-        self.labels = np.asarray(self.labels, dtype=np.int64).reshape(-1)
-        if self.difficult is None:
-            self.difficult = np.zeros(len(self.labels), dtype=bool)
-        self.difficult = np.asarray(self.difficult, dtype=bool).reshape(-1)
-        if self.track_ids is not None:
-            self.track_ids = np.asarray(self.track_ids, dtype=np.int64).reshape(-1)
-            if len(self.track_ids) != len(self.labels):
-                raise ValueError(f"{self.path or self.image_id}: {len(self.track_ids)} track ids for "
-                                 f"{len(self.labels)} boxes")
-        if not (len(self.boxes) == len(self.labels) == len(self.difficult)):
-            raise ValueError(
-                f"{self.path or self.image_id}: {len(self.boxes)} boxes, {len(self.labels)} labels, "
-                f"{len(self.difficult)} difficult flags; they must be equal"
-            )
 
 
 # A transform maps (image HxWx3 uint8 RGB, boxes (N,4) xyxy pixels, labels (N,)) to
@@ -104,8 +71,6 @@ class DetectionDataset(torch.utils.data.Dataset):
 
     def __post_init__(self) -> None:
         if self.image_loader is None:
-            from onestage.data.io import load_record_image
-
             self.image_loader = load_record_image
 
     def __len__(self) -> int:
@@ -114,8 +79,6 @@ class DetectionDataset(torch.utils.data.Dataset):
     def _readable(self, index: int) -> tuple[int, np.ndarray, float]:
         """(index actually used, image, scale): ``index`` itself unless it is unreadable and
         ``skip_unreadable`` is set, then the next readable one (wrapping around)."""
-        from onestage.data.problems import DataError
-
         for k in range(len(self.records)):
             i = (index + k) % len(self.records)
             if i in self._unreadable:

@@ -17,7 +17,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from onestage.data.base import ImageRecord
+from onestage.data.record import ImageRecord
 from onestage.data.io import read_record_file
 from onestage.data.problems import DataError, DatasetSpec, ProblemLog
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from onestage.data.base import ImageRecord
+from onestage.data.record import ImageRecord
 from onestage.data.io import image_size, safe_join
 from onestage.data.problems import DataError, DatasetSpec, OnError, ProblemLog, fix_boxes
 
@@ -104,6 +104,59 @@ def _annotation(ann: Any) -> tuple[list[float], Any, bool, float | None]:
     return [float(v) for v in bbox], category, bool(ann.get("iscrowd", 0)), area
 
 
+def _image_entries(annotation_file: Path, data: dict) -> list[tuple[int, str, float, float]]:
+    """(id, file name, JSON width, JSON height) of every image; a repeated id is an error."""
+    images: list[tuple[int, str, float, float]] = []
+    known_ids: set[int] = set()
+    for k, im in enumerate(data["images"]):
+        entry = _image_entry(annotation_file, k, im)
+        if entry[0] in known_ids:
+            raise DataError(f"{annotation_file}: image id {entry[0]} appears twice in 'images'")
+        known_ids.add(entry[0])
+        images.append(entry)
+    return images
+
+
+def _annotations_by_image(annotation_file: Path, data: dict, known_ids: set[int], log: ProblemLog) -> dict[int, list[Any]]:
+    """The annotations grouped by image once (no per-image scan of the whole list)."""
+    per_image: dict[int, list[Any]] = {}
+    for ann in data.get("annotations", []):
+        image_id = ann.get("image_id") if isinstance(ann, dict) else None
+        if not isinstance(image_id, int) or image_id not in known_ids:
+            log.error(annotation_file, "bad_annotation",
+                      f"annotation {ann!r:.120} refers to image_id {image_id!r}, which is not in 'images'")
+            continue
+        per_image.setdefault(image_id, []).append(ann)
+    return per_image
+
+
+def _record(
+    image_id: int, path: Path, width: float, height: float, annotations: list[Any], label_of: dict[int, int],
+    all_categories: dict[int, str], names: list[str], where: str, log: ProblemLog,
+) -> ImageRecord | None:
+    """One image's record from its annotations; None (logged) when one is malformed or of an unknown class."""
+    try:
+        parsed = [_annotation(a) for a in annotations]
+    except DataError as exc:
+        log.error(where, "bad_annotation", str(exc))
+        return None
+    xywh = np.asarray([p[0] for p in parsed], dtype=np.float64).reshape(-1, 4)  # (N, 4)
+    cats = [p[1] for p in parsed]
+    unknown = sorted({c for c in cats if c not in label_of})
+    if unknown:
+        shown = ", ".join(f"{c} ({all_categories[c]})" if c in all_categories else str(c) for c in unknown)
+        log.error(where, "unknown_class", f"category_id {shown} is not among the known classes: {', '.join(names)}")
+        return None
+    labels = np.asarray([label_of[c] for c in cats], dtype=np.int64)
+    crowd = np.asarray([p[2] for p in parsed], dtype=bool)
+    # A missing `area` falls back to the box area, as pycocotools' loadRes does.
+    areas = np.asarray([p[3] if p[3] is not None else p[0][2] * p[0][3] for p in parsed], dtype=np.float32)
+    xyxy = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)  # (N, 4)
+    boxes, keep = fix_boxes(xyxy, width, height, where, log)
+    return ImageRecord(image_id=image_id, width=int(width), height=int(height), boxes=boxes, labels=labels[keep],
+                       difficult=crowd[keep], path=path, areas=areas[keep])
+
+
 def read_coco(
     annotation_file: Path,
     image_dir: Path,
@@ -126,28 +179,10 @@ def read_coco(
     log = ProblemLog(on_error)
     data = _load_json(annotation_file)
     names, category_ids = _categories(annotation_file, data, class_names)
+    images = _image_entries(annotation_file, data)
+    per_image = _annotations_by_image(annotation_file, data, {entry[0] for entry in images}, log)
     label_of = {cid: i for i, cid in enumerate(category_ids)}
     all_categories = {c["id"]: c["name"] for c in data["categories"]}
-
-    images: list[tuple[int, str, float, float]] = []
-    known_ids: set[int] = set()
-    for k, im in enumerate(data["images"]):
-        entry = _image_entry(annotation_file, k, im)
-        if entry[0] in known_ids:
-            raise DataError(f"{annotation_file}: image id {entry[0]} appears twice in 'images'")
-        known_ids.add(entry[0])
-        images.append(entry)
-
-    # Group annotations by image once (no per-image scan of the whole list).
-    per_image: dict[int, list[Any]] = {}
-    for ann in data.get("annotations", []):
-        image_id = ann.get("image_id") if isinstance(ann, dict) else None
-        if not isinstance(image_id, int) or image_id not in known_ids:
-            log.error(annotation_file, "bad_annotation",
-                      f"annotation {ann!r:.120} refers to image_id {image_id!r}, which is not in 'images'")
-            continue
-        per_image.setdefault(image_id, []).append(ann)
-
     records: list[ImageRecord] = []
     for image_id, file_name, json_w, json_h in images:
         where = f"{annotation_file} (image {file_name!r})"
@@ -169,36 +204,8 @@ def read_coco(
             if json_w > 0 and json_h > 0 and (json_w, json_h) != (width, height):
                 log.fix(where, "size_mismatch", f"JSON says {json_w:g}x{json_h:g} but the image is "
                         f"{width}x{height} (EXIF orientation applied); using the image size", "kept")
-
-        try:
-            parsed = [_annotation(a) for a in per_image.get(image_id, [])]
-        except DataError as exc:
-            log.error(where, "bad_annotation", str(exc))
-            continue
-        xywh = np.asarray([p[0] for p in parsed], dtype=np.float64).reshape(-1, 4)  # (N, 4)
-        cats = [p[1] for p in parsed]
-        unknown = sorted({c for c in cats if c not in label_of})
-        if unknown:
-            shown = ", ".join(f"{c} ({all_categories[c]})" if c in all_categories else str(c) for c in unknown)
-            log.error(where, "unknown_class", f"category_id {shown} is not among the known classes: "
-                      f"{', '.join(names)}")
-            continue
-        labels = np.asarray([label_of[c] for c in cats], dtype=np.int64)
-        crowd = np.asarray([p[2] for p in parsed], dtype=bool)
-        # A missing `area` falls back to the box area, as pycocotools' loadRes does.
-        areas = np.asarray([p[3] if p[3] is not None else p[0][2] * p[0][3] for p in parsed], dtype=np.float32)
-        xyxy = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)  # (N, 4)
-        boxes, keep = fix_boxes(xyxy, width, height, where, log)
-        records.append(
-            ImageRecord(
-                image_id=image_id,
-                width=int(width),
-                height=int(height),
-                boxes=boxes,
-                labels=labels[keep],
-                difficult=crowd[keep],
-                path=path,
-                areas=areas[keep],
-            )
-        )
+        record = _record(image_id, path, width, height, per_image.get(image_id, []), label_of, all_categories,
+                         names, where, log)
+        if record is not None:
+            records.append(record)
     return CocoSpec(records=records, class_names=names, problems=log, category_ids=category_ids)

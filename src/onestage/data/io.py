@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from onestage.data.base import ImageRecord
+from onestage.data.record import ImageRecord
 from onestage.data.problems import DataError
 
 # EXIF tag 0x0112 (Orientation): values 5-8 rotate by 90 or 270 degrees, swapping W and H

@@ -31,7 +31,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from onestage.data.base import ImageRecord
+from onestage.data.record import ImageRecord
 from onestage.data.io import image_size
 from onestage.data.problems import DataError, DatasetSpec, OnError, ProblemLog, fix_boxes
 from onestage.video import VIDEO_SUFFIXES, count_frames, probe_video, read_video_frames

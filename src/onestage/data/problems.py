@@ -25,7 +25,7 @@ from typing import Iterator, Literal, get_args
 
 import numpy as np
 
-from onestage.data.base import ImageRecord
+from onestage.data.record import ImageRecord
 
 ProblemKind = Literal[
     "missing_image",

@@ -20,8 +20,10 @@ through the same map (rounded to whole output pixels at the edges of the pasted 
 the boxes use the rounded map, so they stay exact).
 
 Randomness: every random number is drawn from numpy's global generator (``np.random``);
-the albumentations colour jitter is reseeded from it on each call. Seeding numpy (the data
-loader's ``worker_init_fn`` does, per worker) therefore fixes every augmentation.
+the albumentations colour jitter is reseeded from it on each call. The training dataset
+seeds numpy (and ``random``, torch) per sample from (seed, epoch, image index) before calling
+a transform (``data.base.seed_sample``), so every augmentation is fixed by those three,
+whichever data-loader worker or process draws the sample, and a resumed run repeats it.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from onestage.data.base import ImageRecord
+from onestage.data.record import ImageRecord
 from onestage.data.io import image_size, safe_join
 from onestage.data.problems import DataError, DatasetSpec, OnError, ProblemLog, fix_boxes
 

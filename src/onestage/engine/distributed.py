@@ -269,11 +269,6 @@ def broadcast_buffers(model: nn.Module) -> None:
             torch._foreach_copy_(bufs, [chunk.view_as(b) for chunk, b in zip(chunks, bufs)])
 
 
-def barrier() -> None:
-    if is_distributed():
-        dist.barrier()
-
-
 # --------------------------------------------------------------------------- model wrapping
 def wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
     """DistributedDataParallel around ``model`` (rank 0's weights and buffers are broadcast to all).

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from onestage.build import Detector
+from onestage.families import Detector
 from onestage.config import Config
 from onestage.data.base import DetectionDataset, collate
 from onestage.engine import distributed as dist

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from onestage.config import PrecisionConfig
+from onestage.engine.calibrate import static_amp_guess
 
 
 def _known_ops() -> tuple[str, ...]:
@@ -38,13 +39,16 @@ def should_force_fp32(op_name: str, precision_config: PrecisionConfig | None) ->
     """THE predicate: True when AMP is on and ``op_name`` is listed in ``force_fp32``.
 
     ``None`` (a component built without a config, e.g. in a test) means no AMP: False.
+    An unresolved ``amp: auto`` (a component built before ``calibrate.resolve_precision``
+    chose) may still run under autocast, so the listed operations are forced: in fp32 that
+    costs nothing (the cast is the identity, autocast is already off).
     An unknown ``op_name`` is a programming error and raises, listing the known names.
     """
     if op_name not in FP32_OPS:
         raise ValueError(f"should_force_fp32: unknown operation {op_name!r}; known: {', '.join(FP32_OPS)}")
     if precision_config is None:
         return False
-    return precision_config.amp and op_name in precision_config.force_fp32
+    return precision_config.amp is not False and op_name in precision_config.force_fp32
 
 
 def _to_fp32(t: Tensor) -> Tensor:
@@ -76,8 +80,15 @@ def fp32_region(
 
 
 def resolve_dtype(cfg: PrecisionConfig, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype, or None when AMP is off. ``auto``: bf16 on the CPU, fp16 elsewhere."""
-    if not cfg.amp:
+    """The autocast dtype, or None when AMP is off. ``dtype: auto``: bf16 on the CPU, fp16 elsewhere.
+
+    A run resolves ``amp: auto`` first (``calibrate.resolve_precision``, by measurement); an
+    unresolved ``auto`` reaching here takes the unmeasured guess ``static_amp_guess``.
+    """
+    if cfg.amp == "auto":
+        if not static_amp_guess(device):
+            return None
+    elif not cfg.amp:
         return None
     if cfg.dtype == "float16":
         return torch.float16

@@ -139,7 +139,7 @@ class LRScheduler:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.total_steps = int(state["total_steps"])
-        self.last_step = int(state["last_step"])
+        self.last_step = int(state.get("last_step", -1))  # checkpoints before 0.2 kept total_steps only
         if self.last_step >= 0:
             self.step(self.last_step)
 

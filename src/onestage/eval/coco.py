@@ -26,7 +26,7 @@ from typing import Any, Literal, Mapping, Sequence
 
 import numpy as np
 
-from onestage.data.base import ImageRecord
+from onestage.data.record import ImageRecord
 
 CocoBackend = Literal["faster", "pycocotools"]
 

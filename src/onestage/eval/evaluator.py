@@ -21,7 +21,7 @@ from typing import Any, Literal, Mapping, Sequence
 
 import numpy as np
 
-from onestage.data.base import ImageRecord
+from onestage.data.record import ImageRecord
 from onestage.eval.coco import (
     coco_image_id_map,
     coco_metrics,

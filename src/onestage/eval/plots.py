@@ -25,7 +25,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from onestage.data.base import ImageRecord
+from onestage.data.record import ImageRecord
 from onestage.eval.evaluator import EvalResult
 from onestage.eval.voc import IGNORED, TRUE_POSITIVE, iou_matrix, match_image
 

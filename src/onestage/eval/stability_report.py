@@ -19,7 +19,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from onestage.data.base import ImageRecord
+from onestage.data.record import ImageRecord
 from onestage.eval.evaluator import EvalResult
 from onestage.eval.stability import StabilityResult, VideoFrame, box_errors, stability_error
 

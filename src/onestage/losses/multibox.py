@@ -59,6 +59,7 @@ class MultiboxLoss(nn.Module):
         priors: Tensor,
         matcher: MatcherConfig | None = None,
         loss: LossConfig | None = None,
+        variances: tuple[float, float] = (0.1, 0.2),
         force_fp32: Callable[[str], bool] | None = None,
         positives_normalizer: Callable[[Tensor], Tensor] | None = None,
     ) -> None:
@@ -66,6 +67,7 @@ class MultiboxLoss(nn.Module):
         self.register_buffer("priors", priors, persistent=False)  # (P, 4) cxcywh normalized
         self.matcher = matcher or MatcherConfig()
         self.cfg = loss or LossConfig()
+        self.variances = variances  # the box encoding (coders.ssd_encode)
         self.force_fp32 = force_fp32 or (lambda op: True)
         self.positives_normalizer = positives_normalizer
 
@@ -93,9 +95,9 @@ class MultiboxLoss(nn.Module):
 
         if self.cfg.box_loss == "giou":
             # decoded in fp32 (ssd_decode), whatever the autocast dtype of the offsets
-            loc_per_prior = 1.0 - paired_giou(ssd_decode(loc, self.priors, self.cfg.variances), target_boxes)  # (B, P)
+            loc_per_prior = 1.0 - paired_giou(ssd_decode(loc, self.priors, self.variances), target_boxes)  # (B, P)
         else:
-            target_loc = ssd_encode(target_boxes, self.priors, self.cfg.variances)  # (B, P, 4), no grad: targets
+            target_loc = ssd_encode(target_boxes, self.priors, self.variances)  # (B, P, 4), no grad: targets
             loc_per_prior = smooth_l1(loc, target_loc.to(loc.dtype), self.cfg.beta, reduction="none")  # (B, P)
         loc_per_image = (loc_per_prior * pos).sum(dim=1)  # (B,)
         cls_per_image = (ce * (pos | hard_neg)).sum(dim=1)  # (B,)

@@ -18,7 +18,7 @@ i runs over the S*S cells, j over the B predictors of a cell; hats are targets.
   (``conf_target="iou"``, the paper's "Pr(Object) * IoU"), or 1 (``conf_target="one"``).
 
 Square root of a width: the network predicts sqrt(w) and sqrt(h) directly, through a sigmoid
-(``onestage.yolov1_decode.yolov1_activate``), so w = s^2 is in [0, 1] and the loss compares
+(``onestage.coders.yolov1_activate``), so w = s^2 is in [0, 1] and the loss compares
 s with sqrt(w^) of the ground truth (w^ >= 0, and computed without gradient). No square root
 of a prediction is ever taken: a very negative or zero raw width gives s = sigmoid(t) >= 0,
 a finite loss and a finite gradient.
@@ -42,7 +42,7 @@ from torch import Tensor, nn
 
 from onestage.assign.yolov1 import YoloV1Targets, build_yolov1_targets
 from onestage.boxes import box_iou
-from onestage.yolov1_decode import YOLOv1Prediction, check_yolov1_outputs, yolov1_activate, yolov1_cell_decode
+from onestage.coders import YOLOv1Prediction, check_yolov1_outputs, yolov1_activate, yolov1_cell_decode
 
 ConfTarget = Literal["iou", "one"]
 

@@ -50,7 +50,7 @@ from torch import Tensor, nn
 
 from onestage.assign.yolov3 import AssignMode, IgnoreBy, YoloTargets, assign_yolov3
 from onestage.losses.functional import smooth_l1
-from onestage.yolo_decode import check_outputs, decode_yolov3_boxes
+from onestage.coders import check_yolov3_outputs, yolov3_decode_boxes
 
 XYLoss = Literal["mse", "bce"]
 WHLoss = Literal["mse", "smooth_l1"]
@@ -173,13 +173,13 @@ class YOLOv3Loss(nn.Module):
         """outputs: [(B, A_s, H_s, W_s, 5 + C)] coarsest first; gt_boxes (B, M, 4) xyxy normalized;
         gt_labels (B, M) int64, -1 on padding. Returns the weighted terms and ``total`` (0-dim)."""
         anchors = self.anchors
-        check_outputs(outputs, anchors, self.num_classes)
+        check_yolov3_outputs(outputs, anchors, self.num_classes)
         device_type = outputs[0].device.type
         with torch.autocast(device_type=device_type, enabled=False):  # all losses in fp32
             raw = [out.float() for out in outputs]
             pred_boxes = None
             if self.ignore_by == "prediction":
-                pred_boxes = [decode_yolov3_boxes(r.detach(), a) for r, a in zip(raw, anchors)]
+                pred_boxes = [yolov3_decode_boxes(r.detach(), a) for r, a in zip(raw, anchors)]
             targets = assign_yolov3(
                 gt_boxes,
                 gt_labels,

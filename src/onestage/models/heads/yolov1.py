@@ -8,7 +8,7 @@ PASCAL VOC). Section 2.2: dropout with rate 0.5 after the first fully connected 
 Contracts (docs/contracts.md):
 - ``YOLOv1Head(features: list[(N, C_i, H_i, W_i)]) -> (N, S, S, 5B + C)`` raw, from the last
   (coarsest) map. Layout per cell: [x, y, w, h, conf] * B, then C class scores; what each
-  value means (sigmoid / softmax) is ``onestage.yolov1_decode.yolov1_activate``.
+  value means (sigmoid / softmax) is ``onestage.coders.yolov1_activate``.
 - ``YOLOv1ConvHead``: the same contract from convolutions (not the paper's; see its docstring).
 - ``YOLOv1(images (N, 3, H, W)) -> (N, S, S, 5B + C)``: the same raw tensor in train and eval
   mode; targets, loss, decoding and NMS live elsewhere (DESIGN.md section 2).
