@@ -191,31 +191,46 @@ def test_predict_video_writes_every_frame(tmp_path):
     assert np.abs(drawn.astype(int) - frames[0]).max() > 50  # a box was drawn
 
 
-def test_predict_video_with_a_real_detector(tmp_path):
-    from onestage.build import build_detector, build_transform
-    from onestage.config import Config
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    from onestage.config import load_config
+    from onestage.engine.trainer import train
 
-    cfg = Config.model_validate({"model": {"arch": "yolov1", "backbone": "tiny", "input_size": 64,
-                                           "yolov1": {"grid": 2, "head": "conv", "hidden": 16}}})
-    names = ["circle", "square"]
-    detector = build_detector(cfg, names)
-    detector.model.eval()
-    transform = build_transform(cfg, train=False)
+    out = tmp_path_factory.mktemp("run")
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "yolov1_shapes.yaml", [
+        "model.input_size=64", "model.yolov1.hidden=16", "data.train.num_images=8", "data.val.num_images=2",
+        "train.batch_size=4", "train.time_budget=null", "train.epochs=1", "schedule.warmup_steps=0",
+        "precision.amp=true", f"train.out_dir={out}", "train.name=tiny",
+    ])
+    train(cfg, out / "tiny", progress=False)
+    return out / "tiny" / "last.pt"
 
-    def predict(batch):  # a stand-in for onestage.api.LoadedDetector.predict until it lands
-        empty_b, empty_l = np.zeros((0, 4), np.float32), np.zeros(0, np.int64)
-        x = torch.stack([transform(f, empty_b, empty_l)[0] for f in batch])
-        with torch.no_grad():
-            dets = detector.postprocess(detector.model(x))
-        h, w = batch[0].shape[:2]
-        return [FakePrediction(np.asarray(transform.invert_boxes(d.boxes.numpy(), w, h)), d.scores.numpy(),
-                               d.labels.numpy()) for d in dets]
 
+def test_cli_predict_on_a_video_writes_every_frame_with_the_api_detections(tmp_path, tiny_checkpoint):
+    from onestage.api import load_detector
+    from onestage.cli import main
+
+    truth = render_video(np.random.default_rng(1), W, H, 100)
     src = tmp_path / "clip.mp4"
-    write_video(src, render_video(np.random.default_rng(0), W, H, 5).frames, fps=10)
-    summary = predict_video(predict, names, src, tmp_path / "out", batch_size=2, progress=False)
-    assert summary["frames"] == 5 and count_frames(summary["video"]) == 5
-    assert len(json.loads(summary["json"].read_text())["frames"]) == 5
+    write_video(src, truth.frames, fps=20)
+    image = tmp_path / "still.png"
+    import cv2
+
+    cv2.imwrite(str(image), truth.frames[0][..., ::-1])
+    out = tmp_path / "out"
+    assert main(["predict", str(tiny_checkpoint), str(src), str(image), "--out", str(out), "--threshold", "0.01",
+                 "--batch-size", "32", "eval.score_threshold=0"]) == 0
+    video = out / "clip.annotated.mp4"
+    info = probe_video(video)
+    assert (info.width, info.height, info.fps, count_frames(video)) == (W, H, 20.0, 100)
+    js = json.loads((out / "clip.detections.json").read_text())
+    assert len(js["frames"]) == 100 and js["threshold"] == 0.01
+    assert (out / "still.png").is_file()  # images next to videos keep working
+    det = load_detector(tiny_checkpoint, overrides=["eval.score_threshold=0"])
+    decoded = list(read_video_frames(src)[0])
+    expected = det.predict(decoded[:3], threshold=0.01)
+    for frame, pred in zip(js["frames"][:3], expected):
+        assert [d["score"] for d in frame["detections"]] == [round(float(s), 4) for s in pred.scores]
 
 
 def test_make_video_cli_and_eval_reports_stability(tmp_path, capsys):

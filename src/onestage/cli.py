@@ -46,7 +46,7 @@ def _parser() -> argparse.ArgumentParser:
                     "transform come from the checkpoint; --config (or key=value overrides) may change inference settings",
     )
     pr.add_argument("checkpoint", type=Path)
-    pr.add_argument("inputs", nargs="+", type=Path, help="images or folders of images")
+    pr.add_argument("inputs", nargs="+", type=Path, help="images, folders of images, or video files (.mp4 ...)")
     pr.add_argument("--out", type=Path, required=True)
     pr.add_argument("--config", type=Path, help="a YAML whose eval/precision settings override the checkpoint's")
     pr.add_argument("--threshold", type=float, help="display score threshold (default: eval.display_threshold)")
@@ -366,8 +366,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
         if not args.inputs:
             raise ConfigError("predict: give images or folders after the checkpoint")
     det = load_detector(args.checkpoint, config=args.config, overrides=args.overrides, batch_size=args.batch_size)
-    files = _collect_images(args.inputs)
     args.out.mkdir(parents=True, exist_ok=True)
+    args.inputs = _predict_videos(det, args)
+    if not args.inputs:
+        return 0
+    files = _collect_images(args.inputs)
     predictions = []
     for start in tqdm(range(0, len(files), args.batch_size), desc="predict", unit="batch", dynamic_ncols=True):
         chunk = files[start : start + args.batch_size]
@@ -380,6 +383,21 @@ def cmd_predict(args: argparse.Namespace) -> int:
     save_predictions(predictions, [str(f) for f in files], args.out / "detections.json")
     print(f"[predict] drawn images and detections.json in {args.out}")
     return 0
+
+
+def _predict_videos(det, args: argparse.Namespace) -> list[Path]:
+    """Video files among the inputs: each to an annotated video + per-frame JSON in --out.
+    Returns the other inputs."""
+    from onestage.video import is_video_file, predict_video
+
+    videos = [p for p in args.inputs if p.is_file() and is_video_file(p)]
+    threshold = det.cfg.eval.display_threshold if args.threshold is None else args.threshold
+    for path in videos:
+        summary = predict_video(lambda frames: det.predict(frames, threshold=threshold, batch_size=len(frames)),
+                                det.class_names, path, args.out, batch_size=args.batch_size, threshold=threshold)
+        print(f"{path}: {summary['frames']} frames at {summary['frames_per_second']:.1f} frames/s -> "
+              f"{summary['video']}, {summary['json']}")
+    return [p for p in args.inputs if p not in videos]
 
 
 # ----------------------------------------------------------------------------- inspect
