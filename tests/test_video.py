@@ -149,6 +149,13 @@ def _split_mp4(data: bytes) -> tuple[bytes | None, bytes]:
     return boxes["ftyp"] + boxes["moov"], boxes["mdat"]
 
 
+def test_write_video_refuses_no_frames_and_mixed_sizes(tmp_path):
+    with pytest.raises(ValueError, match="no frames"):
+        write_video(tmp_path / "a.mp4", [], 10)
+    with pytest.raises(ValueError, match="frame 1 has shape"):
+        write_video(tmp_path / "b.mp4", [np.zeros((32, 32, 3), np.uint8), np.zeros((32, 30, 3), np.uint8)], 10)
+
+
 def test_missing_class_names_and_missing_root(tmp_path):
     with pytest.raises(DataError, match="not found"):
         read_mot(tmp_path / "nope")

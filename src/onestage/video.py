@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from fractions import Fraction
+from itertools import chain
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Protocol, Sequence
 
@@ -124,26 +125,26 @@ def write_video(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     rate = Fraction(fps).limit_denominator(1001) if fps > 0 else Fraction(25)
+    frames = iter(frames)
+    first = next(frames, None)
+    if first is None:
+        raise ValueError(f"{path}: no frames to write")
+    height, width = np.shape(first)[:2]
     count = 0
     with av.open(str(path), "w") as out:
-        stream = None
-        for image in frames:
+        stream = out.add_stream("libx264", rate=rate)
+        stream.width, stream.height = width, height
+        stream.pix_fmt = "yuv420p" if width % 2 == 0 and height % 2 == 0 else "yuv444p"  # 4:2:0 needs even sides
+        stream.options = {"crf": str(crf), "preset": preset}
+        for image in chain([first], frames):
             image = np.ascontiguousarray(image, dtype=np.uint8)
-            if stream is None:
-                height, width = image.shape[:2]
-                stream = out.add_stream("libx264", rate=rate)
-                stream.width, stream.height = width, height
-                stream.pix_fmt = "yuv420p" if width % 2 == 0 and height % 2 == 0 else "yuv444p"
-                stream.options = {"crf": str(crf), "preset": preset}
-            elif image.shape[:2] != (stream.height, stream.width):
-                raise ValueError(f"{path}: frame {count} is {image.shape[1]}x{image.shape[0]}, "
-                                 f"the video is {stream.width}x{stream.height}")
+            if image.shape != (height, width, 3):
+                raise ValueError(f"{path}: frame {count} has shape {image.shape}, the video is ({height}, {width}, 3)")
             for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
                 out.mux(packet)
             count += 1
-        if stream is not None:
-            for packet in stream.encode():  # flush the encoder's delayed frames
-                out.mux(packet)
+        for packet in stream.encode():  # flush the encoder's delayed frames
+            out.mux(packet)
     return count
 
 
