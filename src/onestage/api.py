@@ -183,11 +183,14 @@ def load_detector(
     config: str | Path | Config | None = None,
     overrides: Sequence[str] = (),
     batch_size: int = 16,
+    measure_precision: bool = True,
 ) -> LoadedDetector:
     """A checkpoint written by ``onestage train``, ready to ``predict`` (module docstring).
 
     ``use_ema``: None follows the run's ``ema.use_for_eval``. ``config``/``overrides`` change
-    inference settings only. ``batch_size``: the batch the precision is chosen for (``predict``'s). Raises ``CheckpointError`` / ``ConfigError`` naming the file.
+    inference settings only. ``batch_size``: the batch the precision is chosen for (``predict``'s);
+    ``measure_precision=False`` takes ``precision`` as configured (an already resolved run's,
+    as at the end of training) instead of measuring. Raises ``CheckpointError`` / ``ConfigError`` naming the file.
     """
     from onestage.build import build_detector
     from onestage.engine.checkpoint import load_checkpoint
@@ -210,7 +213,8 @@ def load_detector(
 
         device = dist.device()
     device = torch.device(device)
-    cfg = cfg.model_copy(update={"precision": inference_precision(cfg, detector.model.to(device), device, batch_size)})
+    if measure_precision or cfg.precision.amp == "auto" or cfg.precision.channels_last == "auto":
+        cfg = cfg.model_copy(update={"precision": inference_precision(cfg, detector.model.to(device), device, batch_size)})
     return LoadedDetector(detector, cfg, device)
 
 

@@ -23,6 +23,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("config", nargs="?", help="experiment YAML (not needed with --resume)")
     t.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.epochs=5")
     t.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue the run in RUN_DIR from its last.pt")
+    t.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in out_dir/train.name (its files are deleted) instead of refusing")
     t.add_argument("--plot-lr", action="store_true", help="write the LR schedule plot and exit")
     t.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (smoke tests)")
     t.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -163,14 +165,16 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise ConfigError("train: give a CONFIG file or --resume RUN_DIR")
         cfg = load_config(args.config, args.overrides)
     if args.plot_lr:
-        return _plot_lr(cfg, args.resume or make_run_dir(cfg, args.config))
+        # The preview only adds lr.png: an existing named run folder is used as it is, never replaced.
+        named = Path(cfg.train.out_dir) / cfg.train.name if cfg.train.name else None
+        return _plot_lr(cfg, args.resume or (named if named and named.is_dir() else make_run_dir(cfg, args.config)))
     try:
         # Under torchrun: join the other processes (nothing happens in a single process).
         dist.init_distributed(cfg.dist)
         main = dist.is_main()
         with dist.collective_failures_as(dist.DistributedError):
             # Rank 0 names (and creates) the run folder; a name with the time in it could differ per rank.
-            run_dir = args.resume or dist.broadcast_object(make_run_dir(cfg, args.config) if main else None)
+            run_dir = args.resume or dist.broadcast_object(make_run_dir(cfg, args.config, args.overwrite) if main else None)
         if main:
             print(f"[run] {run_dir}", file=sys.stderr)
         summary = train(cfg, run_dir, resume=args.resume is not None, progress=not args.no_progress, max_steps=args.max_steps)
@@ -212,10 +216,12 @@ def _plot_lr(cfg: Config, run_dir: Path) -> int:
 def _finish_run(cfg: Config, run_dir: Path, summary: dict) -> None:
     """After training: plots, final evaluation of the best checkpoint with its table, drawings."""
     from onestage.engine.plots import plot_training_curves
+    from onestage.engine.trainer import load_run_config
 
     plot_training_curves(run_dir / "metrics.csv", run_dir / "plots")
     best = run_dir / "best.pt" if (run_dir / "best.pt").exists() else run_dir / "last.pt"
-    detector, cfg, val_ds, _, device = _load_for_eval(cfg, best)
+    # The run's resolved config: the precision training measured, not measured again (time budget).
+    detector, cfg, val_ds, _, device = _load_for_eval(load_run_config(run_dir), best, measure_precision=False)
     result, dets = _evaluate_and_report(cfg, detector, val_ds, device, run_dir / "eval", progress=True)
     (run_dir / "eval" / "metrics.json").write_text(json.dumps({"checkpoint": str(best), **result.metrics, **summary}, indent=2))
     _draw_dataset_predictions(cfg, detector, val_ds, dets, run_dir / "predictions")
@@ -225,7 +231,7 @@ def _finish_run(cfg: Config, run_dir: Path, summary: dict) -> None:
 
 
 # ----------------------------------------------------------------------------- eval
-def _load_for_eval(cfg: Config, checkpoint: Path):
+def _load_for_eval(cfg: Config, checkpoint: Path, measure_precision: bool = True):
     """(detector, the inference config, val dataset, its spec, device) for evaluating ``checkpoint``.
 
     The architecture and the input transform are the checkpoint's (``onestage.api``); CONFIG
@@ -234,7 +240,7 @@ def _load_for_eval(cfg: Config, checkpoint: Path):
     from onestage.api import load_detector
     from onestage.build import build_eval_dataset, read_dataset
 
-    loaded = load_detector(checkpoint, config=cfg, batch_size=cfg.train.batch_size)
+    loaded = load_detector(checkpoint, config=cfg, batch_size=cfg.train.batch_size, measure_precision=measure_precision)
     val_spec = read_dataset(loaded.cfg.data.val, loaded.cfg, class_names=loaded.class_names)
     val_ds = build_eval_dataset(loaded.cfg, val_spec, loaded.class_names)
     return loaded.detector, loaded.cfg, val_ds, val_spec, loaded.device

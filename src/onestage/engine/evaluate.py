@@ -32,6 +32,7 @@ def make_evaluator(cfg: Config, class_names: list[str], category_ids: list[int] 
         iou_threshold=cfg.eval.iou_threshold,
         voc_metric=cfg.eval.voc_metric,
         category_ids=category_ids,
+        voc_convention=cfg.eval.voc_convention,
     )
 
 

@@ -28,7 +28,7 @@ from onestage.eval.coco import (
     detections_to_coco_results,
     records_to_coco_gt,
 )
-from onestage.eval.voc import VocMetric, evaluate_voc
+from onestage.eval.voc import VocConvention, VocMetric, evaluate_voc, resolve_convention
 
 MetricName = Literal["voc", "coco"]
 
@@ -93,6 +93,7 @@ class Evaluator:
         iou_threshold: float = 0.5,
         voc_metric: VocMetric = "area",
         category_ids: list[int] | None = None,
+        voc_convention: VocConvention = "continuous",
     ) -> None:
         unknown = set(metrics) - {"voc", "coco"}
         if unknown:
@@ -109,6 +110,7 @@ class Evaluator:
         self.metrics = tuple(metrics)
         self.iou_threshold = float(iou_threshold)
         self.voc_metric: VocMetric = voc_metric
+        self.voc_convention: VocConvention = resolve_convention(voc_convention)
         # COCO category id of each label; 1..C unless the dataset brought its own (COCO 1-90).
         self.category_ids = list(category_ids) if category_ids is not None else list(range(1, len(class_names) + 1))
         self._images: list[_StoredImage] = []
@@ -164,7 +166,8 @@ class Evaluator:
         """Metrics over everything added since the last ``reset``."""
         gts = [(im.gt_boxes, im.gt_labels, im.gt_difficult) for im in self._images]
         dets = [(im.det_boxes, im.det_scores, im.det_labels) for im in self._images]
-        voc = evaluate_voc(gts, dets, len(self.class_names), self.iou_threshold, self.voc_metric)
+        voc = evaluate_voc(gts, dets, len(self.class_names), self.iou_threshold, self.voc_metric,
+                           convention=self.voc_convention)
         key = voc_key(self.iou_threshold)
         metrics: dict[str, float] = {}
         if "voc" in self.metrics:
