@@ -60,7 +60,7 @@ def model_overrides(name: str, backbone: str, size: int, minutes: float, out: Pa
 
 def score_on_videos(name: str, backbone: str, size: int, run_dir: Path, videos: Path) -> dict:
     cfg = load_config(ROOT / "configs" / CONFIGS[name], model_overrides(name, backbone, size, 1, run_dir.parent)
-                      + ["data.val.format=mot", f"data.val.root={videos}"])
+                      + [f"data.val={{format: mot, root: {videos}}}"])
     ckpt = load_checkpoint(run_dir / "last.pt")
     class_names = list(ckpt["class_names"])
     detector = build_detector(cfg, class_names)

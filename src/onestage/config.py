@@ -277,6 +277,7 @@ DATASET_KEYS: dict[str, set[str]] = {
     "voc": {"root", "split", "annotations", "images"},
     "coco": {"root", "annotations", "images"},
     "yolo": {"root", "split"},
+    "mot": {"root"},  # a folder of sequences or one sequence (onestage.data.mot)
 }
 
 
