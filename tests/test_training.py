@@ -185,7 +185,7 @@ def test_cli_train_eval_predict(tmp_path, capsys):
     assert cli_main(["train", *args, "--no-progress"]) == 0
     run = tmp_path / "cli"
     for name in ("config.yaml", "metrics.csv", "last.pt", "best.pt", "plots/losses.png", "plots/lr.png",
-                 "eval/pr_curves.png", "eval/metrics.json"):
+                 "eval/pr_curves.png", "eval/metrics.json", "eval/result.json", "report.html"):
         assert (run / name).exists(), name
     assert len(list((run / "predictions").glob("*.png"))) == 4
     capsys.readouterr()

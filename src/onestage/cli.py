@@ -228,6 +228,9 @@ def _finish_run(cfg: Config, run_dir: Path, summary: dict) -> None:
     print(f"[done] {summary['steps']} steps in {summary['seconds'] / 60:.1f} min; "
           f"{cfg.train.best_metric} = {result.metrics.get(cfg.train.best_metric, float('nan')):.4f}; "
           f"run folder: {run_dir}", file=sys.stderr)
+    from onestage.report import write_run_report  # one self-contained page over the whole run
+
+    print(f"[report] {write_run_report(run_dir)}", file=sys.stderr)
 
 
 # ----------------------------------------------------------------------------- eval
@@ -251,6 +254,7 @@ def _evaluate_and_report(cfg, detector, val_ds, device, out_dir: Path | None, pr
     from onestage.eval.evaluator import format_table
 
     from onestage.eval.plots import ERROR_KINDS, confusion_summary, draw_worst_images, plot_pr_curves
+    from onestage.eval.tide import add_tide
 
     result, dets = evaluate(detector, val_ds, cfg, device, progress=progress, keep_detections=True)
     confusion = confusion_summary(val_ds.records, dets, val_ds.class_names, iou=cfg.eval.iou_threshold,
@@ -261,6 +265,7 @@ def _evaluate_and_report(cfg, detector, val_ds, device, out_dir: Path | None, pr
               f"{confusion['missed']} missed, {confusion['false_positives']} false positives ("
               + ", ".join(f"{k.replace('_', ' ')} {confusion[k]}" for k in ERROR_KINDS)
               + ")")
+    add_tide(result, val_ds.records, dets, val_ds.class_names, out_dir, quiet)  # TIDE table, --json, out_dir/result.json
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         plot_pr_curves(result, out_dir / "pr_curves.png")
@@ -287,6 +292,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise ConfigError("eval: give a CHECKPOINT to evaluate, or --results FILE.json to score")
     detector, cfg, val_ds, val_spec, device = _load_for_eval(cfg, args.checkpoint)
     result, dets = _evaluate_and_report(cfg, detector, val_ds, device, args.out, progress=not args.json, quiet=args.json)
+    if args.out is not None:
+        from onestage.config import dump_config
+        from onestage.report import write_eval_report
+
+        write_eval_report(args.out, config_text=dump_config(cfg), checkpoint=args.checkpoint)
     if args.save_results is not None:
         from onestage.eval.coco import coco_image_id_map
         from onestage.eval.results import save_coco_results
@@ -311,16 +321,19 @@ def _score_results(cfg: Config, results: Path, as_json: bool) -> int:
     """Score a COCO results file from any detector against the config's val split."""
     from onestage.build import read_dataset
     from onestage.eval.coco import records_to_coco_gt
-    from onestage.eval.results import score_results_file
+    from onestage.eval.results import load_coco_results, score_results_file
+    from onestage.eval.tide import format_tide, tide_of_results, tide_to_json
 
     spec = read_dataset(cfg.data.val, cfg)
     gt = records_to_coco_gt(spec.records, spec.class_names, getattr(spec, "category_ids", None))
     metrics = score_results_file(results, gt)
+    tide = tide_of_results(spec.records, gt, load_coco_results(results, gt), spec.class_names)
     if as_json:
-        print(json.dumps(metrics, indent=2))
+        print(json.dumps({**metrics, "tide": tide_to_json(tide)}, indent=2))
     else:
         for key, value in metrics.items():
             print(f"{key:<18}{value:8.4f}")
+        print(format_tide(tide))
     return 0
 
 

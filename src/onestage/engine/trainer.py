@@ -336,12 +336,16 @@ def _set_up(cfg: Config, run_dir: Path, resume: bool, progress: bool, device: to
     detector = build_detector(
         cfg, train_ds.class_names, positives_normalizer=dist.positives_across_ranks if world > 1 else None
     )
-    if cfg.dist.sync_bn and world > 1:
-        detector.model = dist.convert_sync_batchnorm(detector.model, device)
     model = detector.model.to(device)
-    check_trainable_batch(model, min(cfg.train.batch_size, len(train_ds) // world), world, input_size=cfg.model.input_size, sync_bn=cfg.dist.sync_bn)
+    check_trainable_batch(
+        model, min(cfg.train.batch_size, len(train_ds) // world), world, input_size=cfg.model.input_size,
+        sync_bn=cfg.dist.sync_bn,
+    )
+    # Measured on rank 0 alone, so before SyncBatchNorm (whose forward is a collective) goes in.
     decision = _choose_precision(cfg, model, device, run_dir, main)
     cfg = cfg.model_copy(update={"precision": decision.apply(cfg.precision)})  # concrete from here on
+    if cfg.dist.sync_bn and world > 1:
+        detector.model = model = dist.convert_sync_batchnorm(model, device)
     if cfg.precision.channels_last:
         model = model.to(memory_format=torch.channels_last)
     detector.criterion.to(device)
@@ -452,6 +456,8 @@ def _train_epoch(run: Run, max_steps: int | None) -> str | None:
     """Train the rest of the current epoch. Returns why it ended early ("terminated",
     "max_steps", "time_budget") or None when every batch was seen."""
     state, cfg = run.state, run.cfg
+    if run.budget is not None and not run.budget.next_step_fits():
+        return "time_budget"  # e.g. set-up and the calibrated step time already fill the budget
     _start_epoch(run)
     bar = tqdm(
         total=run.batches_per_epoch, initial=state.batch_in_epoch, disable=not run.progress, dynamic_ncols=True,

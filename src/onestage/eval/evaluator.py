@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Literal, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Literal, Mapping, Sequence
 
 import numpy as np
 
@@ -29,6 +29,9 @@ from onestage.eval.coco import (
     records_to_coco_gt,
 )
 from onestage.eval.voc import VocConvention, VocMetric, evaluate_voc, resolve_convention
+
+if TYPE_CHECKING:
+    from onestage.eval.tide import TideResult
 
 MetricName = Literal["voc", "coco"]
 
@@ -55,6 +58,7 @@ class EvalResult:
     scores: list[np.ndarray] = field(repr=False)  # C arrays (M_c,)
     iou_threshold: float = 0.5
     voc_metric: VocMetric = "area"
+    tide: TideResult | None = None  # a TideResult when TIDE ran (eval.tide.add_tide); result_to_json carries it
     # video data: eval.stability.StabilityResult (added by eval.stability_report.add_stability)
     stability: Any = field(default=None, repr=False)
 
@@ -257,12 +261,7 @@ def _json_float(x: float) -> float | None:
 def result_to_json(result: EvalResult) -> dict[str, Any]:
     """A JSON-ready dict (metrics, per-class rows, settings); NaN becomes null. On video data
     the stability figures come as top-level keys too (``eval.stability.stability_to_json``)."""
-    extra: dict[str, Any] = {}
-    if result.stability is not None:
-        from onestage.eval.stability import stability_to_json
-
-        extra = stability_to_json(result.stability)
-    return {
+    out: dict[str, Any] = {
         "metrics": {k: _json_float(v) for k, v in result.metrics.items()},
         "per_class": [
             {"name": r.name, "ap": _json_float(r.ap), "num_gt": r.num_gt, "num_det": r.num_det}
@@ -270,5 +269,13 @@ def result_to_json(result: EvalResult) -> dict[str, Any]:
         ],
         "iou_threshold": result.iou_threshold,
         "voc_metric": result.voc_metric,
-        **extra,
     }
+    if result.stability is not None:
+        from onestage.eval.stability import stability_to_json
+
+        out.update(stability_to_json(result.stability))
+    if result.tide is not None:
+        from onestage.eval.tide import tide_to_json
+
+        out["tide"] = tide_to_json(result.tide)
+    return out
