@@ -42,6 +42,10 @@ def read_dataset(ds: DatasetConfig, cfg: Config, class_names: list[str] | None =
 
         images = ds.images or _need(ds.root, "root", ds)
         spec = read_coco(_need(ds.annotations, "annotations", ds), images, class_names=names, on_error=on_error)
+    elif ds.format == "mot":
+        from onestage.data.mot import read_mot
+
+        spec = read_mot(_need(ds.root, "root", ds), class_names=names, on_error=on_error)
     else:
         from onestage.data.yolo_txt import read_yolo
 

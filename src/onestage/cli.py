@@ -48,7 +48,7 @@ def _parser() -> argparse.ArgumentParser:
                     "transform come from the checkpoint; --config (or key=value overrides) may change inference settings",
     )
     pr.add_argument("checkpoint", type=Path)
-    pr.add_argument("inputs", nargs="+", type=Path, help="images or folders of images")
+    pr.add_argument("inputs", nargs="+", type=Path, help="images, folders of images, or video files (.mp4 ...)")
     pr.add_argument("--out", type=Path, required=True)
     pr.add_argument("--config", type=Path, help="a YAML whose eval/precision settings override the checkpoint's")
     pr.add_argument("--threshold", type=float, help="display score threshold (default: eval.display_threshold)")
@@ -86,6 +86,13 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--split", choices=["train", "val"], default="train")
     c.add_argument("--out", type=Path, default=Path("data_check"), help="folder for the sample grid")
     c.add_argument("--augment", type=int, default=0, metavar="N", help="also draw N augmented samples")
+    mv = dsub.add_parser("make-video", help="generate moving-shapes videos with MOTChallenge gt.txt tracks")
+    mv.add_argument("--out", type=Path, required=True, help="folder for the videos (data.*.format: mot root)")
+    mv.add_argument("--videos", type=int, default=4, help="number of videos (default 4)")
+    mv.add_argument("--frames", type=int, default=60, help="frames per video (default 60)")
+    mv.add_argument("--seed", type=int, default=0, help="video v is drawn from seed (SEED, v)")
+    mv.add_argument("--size", type=int, nargs=2, default=(320, 240), metavar=("W", "H"), help="frame size (320 240)")
+    mv.add_argument("--fps", type=float, default=15.0, help="frame rate (default 15)")
     return p
 
 
@@ -135,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_doctor(args)
         if args.command == "data" and args.data_command == "check":
             return cmd_data_check(args)
+        if args.command == "data" and args.data_command == "make-video":
+            return cmd_data_make_video(args)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -263,6 +272,10 @@ def _evaluate_and_report(cfg, detector, val_ds, device, out_dir: Path | None, pr
         (out_dir / "confusion.json").write_text(json.dumps(confusion, indent=2))
         draw_worst_images(val_ds.records, dets, val_ds.class_names, out_dir / "worst", cfg.eval.num_images_drawn,
                           val_ds.image_loader, score_threshold=cfg.eval.display_threshold)
+        if result.stability is not None:  # video data: a timeline per worst track
+            from onestage.eval.stability_report import draw_worst_tracks
+
+            draw_worst_tracks(result.stability, out_dir / "worst_tracks", cfg.eval.num_images_drawn)
     return result, dets
 
 
@@ -372,8 +385,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
         if not args.inputs:
             raise ConfigError("predict: give images or folders after the checkpoint")
     det = load_detector(args.checkpoint, config=args.config, overrides=args.overrides, batch_size=args.batch_size)
-    files = _collect_images(args.inputs)
     args.out.mkdir(parents=True, exist_ok=True)
+    args.inputs = _predict_videos(det, args)
+    if not args.inputs:
+        return 0
+    files = _collect_images(args.inputs)
     predictions = []
     for start in tqdm(range(0, len(files), args.batch_size), desc="predict", unit="batch", dynamic_ncols=True):
         chunk = files[start : start + args.batch_size]
@@ -386,6 +402,21 @@ def cmd_predict(args: argparse.Namespace) -> int:
     save_predictions(predictions, [str(f) for f in files], args.out / "detections.json")
     print(f"[predict] drawn images and detections.json in {args.out}")
     return 0
+
+
+def _predict_videos(det, args: argparse.Namespace) -> list[Path]:
+    """Video files among the inputs: each to an annotated video + per-frame JSON in --out.
+    Returns the other inputs."""
+    from onestage.video import is_video_file, predict_video
+
+    videos = [p for p in args.inputs if p.is_file() and is_video_file(p)]
+    threshold = det.cfg.eval.display_threshold if args.threshold is None else args.threshold
+    for path in videos:
+        summary = predict_video(lambda frames: det.predict(frames, threshold=threshold, batch_size=len(frames)),
+                                det.class_names, path, args.out, batch_size=args.batch_size, threshold=threshold)
+        print(f"{path}: {summary['frames']} frames at {summary['frames_per_second']:.1f} frames/s -> "
+              f"{summary['video']}, {summary['json']}")
+    return [p for p in args.inputs if p not in videos]
 
 
 # ----------------------------------------------------------------------------- inspect
@@ -500,6 +531,16 @@ def cmd_data_check(args: argparse.Namespace) -> int:
         print(f"augmented samples: {path}")
     print(f"sample grid: {args.out / 'samples.png'}")
     return status
+
+
+def cmd_data_make_video(args: argparse.Namespace) -> int:
+    from onestage.data.moving_shapes import write_moving_shapes
+
+    folders = write_moving_shapes(args.out, args.videos, args.frames, args.seed, width=args.size[0],
+                                  height=args.size[1], fps=args.fps, progress=True)
+    print(f"[make-video] {len(folders)} videos of {args.frames} frames in {args.out} "
+          f"(evaluate with data.val: {{format: mot, root: {args.out}}})")
+    return 0
 
 
 if __name__ == "__main__":

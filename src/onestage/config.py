@@ -241,7 +241,8 @@ class ModelConfig(Strict):
 
 # --------------------------------------------------------------------------- data
 class DatasetConfig(Strict):
-    format: Literal["shapes", "voc", "coco", "yolo"] = "shapes"
+    # mot: videos with MOTChallenge gt.txt (onestage.data.mot; `onestage data make-video`)
+    format: Literal["shapes", "voc", "coco", "yolo", "mot"] = "shapes"
     root: Path | None = None  # dataset folder; relative paths are relative to the config file
     # VOC ImageSets name, YOLO split folder, a .txt/.csv split file (relative to root)
     split: str | None = None
@@ -276,6 +277,7 @@ DATASET_KEYS: dict[str, set[str]] = {
     "voc": {"root", "split", "annotations", "images"},
     "coco": {"root", "annotations", "images"},
     "yolo": {"root", "split"},
+    "mot": {"root"},  # a folder of sequences or one sequence (onestage.data.mot)
 }
 
 

@@ -18,7 +18,7 @@ import cv2
 import numpy as np
 
 from onestage.data.record import ImageRecord
-from onestage.data.io import load_image
+from onestage.data.io import read_record_file
 from onestage.data.problems import DataError, DatasetSpec, ProblemLog
 
 # COCO's area ranges (cocodataset.org/#detection-eval): small < 32^2 <= medium < 96^2 <= large.
@@ -95,7 +95,7 @@ def _read(rec: ImageRecord, log: ProblemLog) -> np.ndarray | None:
     else:
         where = rec.path
         try:
-            image = load_image(rec.path)
+            image = read_record_file(rec)  # an image, or a frame of a video
         except DataError as exc:
             kind = "missing_image" if not Path(rec.path).exists() else "corrupt_image"
             log.error(rec.path, kind, str(exc).removeprefix(f"{rec.path}: "))

@@ -222,13 +222,26 @@ def load_record_image(rec: ImageRecord) -> np.ndarray:
         return rec.image
     if rec.path is None:
         raise DataError(f"image {rec.image_id!r}: record has neither an in-memory image nor a path")
-    image = load_image(rec.path)
+    image = read_record_file(rec)
     if image.shape[:2] != (rec.height, rec.width):
         raise DataError(
             f"{rec.path}: image is {image.shape[1]}x{image.shape[0]} but its record says "
             f"{rec.width}x{rec.height}; the file changed after the annotations were read"
         )
     return image
+
+
+def read_record_file(rec: ImageRecord) -> np.ndarray:
+    """Decode ``rec.path``: its image, or frame ``rec.frame_index`` of a video file."""
+    from onestage.video import is_video_file
+
+    if rec.path is None:
+        raise DataError(f"image {rec.image_id!r}: record has no path")
+    if rec.frame_index is not None and is_video_file(rec.path):
+        from onestage.data.mot import load_video_frame
+
+        return load_video_frame(rec.path, rec.frame_index)
+    return load_image(rec.path)
 
 
 def safe_join(root: Path, relative: str | os.PathLike[str]) -> Path:

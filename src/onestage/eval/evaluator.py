@@ -59,6 +59,8 @@ class EvalResult:
     iou_threshold: float = 0.5
     voc_metric: VocMetric = "area"
     tide: TideResult | None = None  # a TideResult when TIDE ran (eval.tide.add_tide); result_to_json carries it
+    # video data: eval.stability.StabilityResult (added by eval.stability_report.add_stability)
+    stability: Any = field(default=None, repr=False)
 
     @property
     def voc_key(self) -> str:
@@ -244,6 +246,10 @@ def format_table(result: EvalResult) -> str:
         f"{'mean':<{width}}  {_fmt(mean):>{col}}  {_fmt(mean_other):>{ocol}}  {sum(r.num_gt for r in rows):>7d}  "
         f"{sum(r.num_det for r in rows):>8d}"
     )
+    if result.stability is not None:
+        from onestage.eval.stability import format_stability
+
+        lines += ["", format_stability(result.stability)]
     return "\n".join(lines)
 
 
@@ -253,7 +259,8 @@ def _json_float(x: float) -> float | None:
 
 
 def result_to_json(result: EvalResult) -> dict[str, Any]:
-    """A JSON-ready dict (metrics, per-class rows, settings); NaN becomes null."""
+    """A JSON-ready dict (metrics, per-class rows, settings); NaN becomes null. On video data
+    the stability figures come as top-level keys too (``eval.stability.stability_to_json``)."""
     out: dict[str, Any] = {
         "metrics": {k: _json_float(v) for k, v in result.metrics.items()},
         "per_class": [
@@ -263,6 +270,10 @@ def result_to_json(result: EvalResult) -> dict[str, Any]:
         "iou_threshold": result.iou_threshold,
         "voc_metric": result.voc_metric,
     }
+    if result.stability is not None:
+        from onestage.eval.stability import stability_to_json
+
+        out.update(stability_to_json(result.stability))
     if result.tide is not None:
         from onestage.eval.tide import tide_to_json
 
