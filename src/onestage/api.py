@@ -14,9 +14,7 @@ never the architecture. The command line (``onestage predict``, ``eval``) is a t
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,32 +26,9 @@ from tqdm import tqdm
 from onestage.config import Config, ConfigError, apply_overrides, config_from_dict, load_config
 from onestage.data.transforms import EvalTransform, LetterboxEvalTransform
 from onestage.families import Detector
+from onestage.prediction import Prediction, save_predictions  # noqa: F401  (torch-free, shared with the ONNX runtime)
 
 ImageLike = np.ndarray | str | Path
-
-
-@dataclass
-class Prediction:
-    """One image's detections in its original pixels."""
-
-    boxes: np.ndarray  # (K, 4) float32 xyxy, original-image pixels
-    scores: np.ndarray  # (K,) float32, descending
-    labels: np.ndarray  # (K,) int64 in [0, C)
-    names: list[str]  # the class name of each detection
-    width: int
-    height: int
-
-    def __len__(self) -> int:
-        return len(self.scores)
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "width": self.width, "height": self.height,
-            "detections": [
-                {"box_xyxy": [round(float(v), 2) for v in b], "score": round(float(s), 4), "label": int(c), "class": n}
-                for b, s, c, n in zip(self.boxes, self.scores, self.labels, self.names)
-            ],
-        }
 
 
 def checkpoint_config(ckpt: dict[str, Any], source: str) -> Config:
@@ -208,9 +183,3 @@ def load_detector(
 
         device = dist.device()
     return LoadedDetector(detector, cfg, torch.device(device))
-
-
-def save_predictions(predictions: Sequence[Prediction], sources: Sequence[str], path: Path) -> Path:
-    """``detections.json``: one entry per image with its source, size and detections."""
-    path.write_text(json.dumps([{"image": s, **p.to_json()} for s, p in zip(sources, predictions)], indent=2))
-    return path
