@@ -67,27 +67,37 @@ class DecodedDetector(nn.Module):
 
 @dataclass
 class ExportReport:
-    """What an export wrote and measured."""
+    """What an export wrote and measured (``check_export``)."""
 
     path: Path
     nms: bool
+    batches: list[int] = field(default_factory=list)  # batch sizes run
     raw_boxes_diff: float = 0.0  # max |onnxruntime - eager| over the check inputs
     raw_scores_diff: float = 0.0
-    detections: int = 0  # eager detections compared
-    det_boxes_diff: float = 0.0  # in pixels of the input size
+    tail_detections: int = 0  # detections equal to PyTorch's post-processor on the file's candidates
+    images: int = 0
+    same_images: int = 0  # images whose detections equal eager PyTorch's end to end
+    detections: int = 0  # detections in those images
+    det_boxes_diff: float = 0.0  # pixels of the input size
     det_scores_diff: float = 0.0
     notes: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
-        kind = "boxes + scores + NMS" if self.nms else "decoded boxes + scores (no NMS)"
-        return "\n".join([
+        kind = "decoded boxes + scores, then NMS" if self.nms else "decoded boxes + scores (no NMS)"
+        lines = [
             f"[export] {self.path}: {kind}",
-            f"[export] raw outputs, onnxruntime vs eager PyTorch: max |diff| boxes {self.raw_boxes_diff:.2e}, "
-            f"scores {self.raw_scores_diff:.2e}",
-            f"[export] detections identical end to end: {self.detections}, max |diff| boxes {self.det_boxes_diff:.2e} px, "
-            f"scores {self.det_scores_diff:.2e}",
-            *(f"[export] {n}" for n in self.notes),
-        ])
+            f"[export] raw outputs, onnxruntime vs eager PyTorch (batches {', '.join(map(str, self.batches))}): "
+            f"max |diff| boxes {self.raw_boxes_diff:.2e}, scores {self.raw_scores_diff:.2e}",
+            f"[export] NMS vs PyTorch's post-processor on the same candidates: {self.tail_detections} detections, "
+            f"all equal",
+            f"[export] end to end vs eager PyTorch: {self.same_images} of {self.images} images give the same "
+            f"{self.detections} detections (max |diff| boxes {self.det_boxes_diff:.2e} px, scores {self.det_scores_diff:.2e})",
+        ]
+        if self.same_images < self.images:
+            lines.append("[export] the other images differ only where two candidates' scores are within rounding "
+                         "of each other, which decides the order NMS visits them in: PyTorch's post-processor "
+                         "on the file's own candidates gives exactly the file's detections")
+        return "\n".join(lines + [f"[export] {n}" for n in self.notes])
 
 
 def tail_settings(detector: Any) -> TailSettings:
@@ -172,8 +182,7 @@ def export_onnx(
     if half:
         detector.model.half()
     settings = tail_settings(detector)
-    with torch.no_grad():
-        num_candidates = wrapper(torch.zeros(1, 3, size, size))[0].shape[1]
+    num_candidates = int(detector.family.candidate_boxes().shape[0])  # N, in the order of decode
     model = _trace(wrapper, size, opset, dynamic_batch, nms, loaded.cfg)
     if nms:
         append_tail(model, "candidate_boxes", "candidate_scores", num_candidates, len(loaded.class_names), settings)
@@ -260,40 +269,43 @@ def check_export(path: Path, loaded: Any, wrapper: nn.Module, settings: TailSett
     """
     import onnxruntime as ort
 
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    candidates = _candidate_session(path) if nms else session
+    session = _checking_session(path, nms)
     x = check_inputs(loaded.cfg.model.input_size, images)
     batches = [x, x[:1]] if dynamic else [x[i : i + 1] for i in range(len(x))]
     report = ExportReport(path, nms)
     raw_tol, box_tol, score_tol = (HALF_TOL,) * 3 if half else (RAW_TOL, BOX_TOL, SCORE_TOL)
     size = loaded.cfg.model.input_size
-    same, total = 0, 0
     for batch in batches:
         with torch.no_grad():
-            boxes, scores = wrapper(torch.from_numpy(batch))  # (B, N, 4), (B, N, C) eager
-            eager = loaded.detector.postprocess(_raw(wrapper, batch))
-        raw_boxes, raw_scores = candidates.run(None, {"images": batch})
+            outputs = _raw(wrapper, batch)
+            boxes, scores = (t.float() for t in wrapper.decode(outputs))  # (B, N, 4), (B, N, C) eager
+            eager = loaded.detector.postprocess(outputs)
+        outputs = session.run(None, {"images": batch})
+        raw_boxes, raw_scores = outputs[-2:]  # the candidates (for an NMS file: the tail's inputs)
         report.raw_boxes_diff = max(report.raw_boxes_diff, float(np.abs(raw_boxes - boxes.numpy()).max()))
         report.raw_scores_diff = max(report.raw_scores_diff, float(np.abs(raw_scores - scores.numpy()).max()))
-        got = session.run(None, {"images": batch}) if nms else _tail(raw_boxes, raw_scores, settings)
+        got = outputs[:4] if nms else _tail(raw_boxes, raw_scores, settings)
         on_own = _select(raw_boxes, raw_scores, settings)
         problem = compare_detections(on_own, got, size, box_tol, score_tol)
         if problem is not None:
             raise ExportError(f"{path}: the file's NMS differs from PyTorch's on the same candidates: {problem}; "
                               f"the file was deleted")
+        report.batches.append(len(batch))
+        report.tail_detections += sum(len(d) for d in on_own)
         for i, det in enumerate(eager):
-            total += 1
+            report.images += 1
             if compare_detections([det], [g[i : i + 1] for g in got], size, box_tol, score_tol) is None:
-                same += 1
+                report.same_images += 1
                 _measure(det, [g[i] for g in got], size, report)
     if report.raw_boxes_diff > raw_tol or report.raw_scores_diff > raw_tol:
         raise ExportError(f"{path}: onnxruntime's raw outputs differ from eager PyTorch by {report.raw_boxes_diff:.2e} "
                           f"(boxes) / {report.raw_scores_diff:.2e} (scores), over the tolerance {raw_tol:g}; "
                           f"the file was deleted")
-    report.notes.append(f"end to end: {same} of {total} check images give eager PyTorch's detections"
-                        + ("" if same == total else
-                           "; the others differ only where candidate scores are within rounding of each other "
-                           "(PyTorch's post-processor on the file's own candidates gives the file's detections)"))
+    if report.tail_detections == 0:
+        report.notes.append(f"no candidate scored {settings.score_threshold:g} or more on the check inputs: the NMS "
+                            f"was compared on empty results only (an untrained model?)")
+    if half:
+        report.notes.append(f"float16 file: compared with the float16 eager model at tolerance {HALF_TOL:g}")
     return report
 
 
@@ -316,21 +328,19 @@ def _tail(boxes: np.ndarray, scores: np.ndarray, settings: TailSettings) -> list
     return run_tail(boxes, scores, settings)
 
 
-def _candidate_session(path: Path):
-    """An NMS file's graph cut before its tail: images -> (candidate_boxes, candidate_scores)."""
+def _checking_session(path: Path, nms: bool):
+    """onnxruntime on the written file; for an NMS file, its graph with the tail's inputs
+    (``candidate_boxes``, ``candidate_scores``) as two more outputs, so that one run gives both."""
     import onnx
     import onnxruntime as ort
 
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if not nms:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     model = onnx.load(str(path))
-    graph = model.graph
-    nodes = [n for n in graph.node if not n.name.startswith("nms/")]
-    used = {i for n in nodes for i in n.input}
-    inits = [t for t in graph.initializer if t.name in used]
-    del graph.node[:], graph.output[:], graph.initializer[:]
-    graph.node.extend(nodes)
-    graph.initializer.extend(inits)
-    graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in ("candidate_boxes", "candidate_scores"))
-    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    model.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in ("candidate_boxes", "candidate_scores"))
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
 def compare_detections(ref: list, got: Sequence[np.ndarray], size: int, box_tol: float = BOX_TOL,

@@ -54,6 +54,14 @@ def run_tail(boxes: np.ndarray, scores: np.ndarray, settings: Any) -> list[np.nd
                               "candidate_scores": np.ascontiguousarray(scores, np.float32)})
 
 
+def preprocess(image: np.ndarray, rule: str, size: int, fill: tuple[int, int, int], mean: Sequence[float],
+               std: Sequence[float]) -> np.ndarray:
+    """(H, W, 3) uint8 RGB -> (3, S, S) float32: ``rule`` ("resize" or "letterbox") onto a ``fill``
+    canvas, then ``(x / 255 - mean) / std``: what ``EvalTransform`` / ``LetterboxEvalTransform`` do."""
+    plan = eval_plan(rule, image.shape[1], image.shape[0], size)  # type: ignore[arg-type]
+    return normalize_image(render(image, plan, size, fill), tuple(mean), tuple(std))  # type: ignore[arg-type]
+
+
 class OnnxDetector:
     """An exported detector ready to predict on images; the interface of ``api.LoadedDetector``."""
 
@@ -93,8 +101,7 @@ class OnnxDetector:
 
     def preprocess(self, image: np.ndarray) -> np.ndarray:
         """(H, W, 3) uint8 RGB -> (3, S, S) float32 network input (the checkpoint's eval transform)."""
-        plan = eval_plan(self.rule, image.shape[1], image.shape[0], self.input_size)  # type: ignore[arg-type]
-        return normalize_image(render(image, plan, self.input_size, self.fill), self.mean, self.std)
+        return preprocess(image, self.rule, self.input_size, self.fill, self.mean, self.std)
 
     def detect(self, batch: np.ndarray) -> list[np.ndarray]:
         """(B, 3, S, S) inputs -> [boxes (B, M, 4) normalized, scores (B, M), labels (B, M), count (B,)]."""
