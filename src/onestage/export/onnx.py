@@ -230,14 +230,17 @@ def _trace(wrapper: nn.Module, size: int, opset: int, dynamic: bool, nms: bool, 
 
 def _explain(exc: Exception, what: str, opset: int) -> str:
     """The exporter's error, with what to change."""
+    from torch.onnx import _constants
     message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     if "adaptive_avg_pool2d" in str(exc) or "adaptive" in message.lower():
         hint = ("YOLOv1's head average-pools the backbone's last map to S x S (adaptive pooling), which ONNX "
                 "can express only when the map side is a multiple of S; train at a model.input_size that "
                 "gives such a map (e.g. the tiny backbone at 224 gives 7 x 7 for S = 7), or set model.yolov1.grid "
                 "to a divisor of the map side")
+    elif "onnx_opset_version" in message:
+        hint = f"choose --opset from {_constants.ONNX_MIN_OPSET} to {_constants.ONNX_MAX_OPSET} (default {DEFAULT_OPSET})"
     elif "opset" in message.lower() or "Unsupported" in type(exc).__name__:
-        hint = f"an operator is missing at opset {opset}: try a newer --opset (up to {torch.onnx._constants.ONNX_MAX_OPSET})"
+        hint = f"an operator is missing at opset {opset}: try a newer --opset (up to {_constants.ONNX_MAX_OPSET})"
     else:
         hint = "see the exporter's message above"
     return f"cannot export {what}: {message}. {hint}"
