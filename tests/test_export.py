@@ -287,3 +287,13 @@ def test_run_tail_is_the_file_tail(demo):
     meta = OnnxDetector(demo["raw"])
     for a, b in zip(run_tail(*raw.run(None, {"images": x}), meta.tail), nms.run(None, {"images": x})):
         np.testing.assert_array_equal(a, b)
+
+
+def test_predict_on_an_onnx_file_it_cannot_use_names_the_file(work, capsys):
+    images = _images(work / "images")
+    (work / "garbage.onnx").write_text("not a model")
+    onnx.save(tail_model(10, 2, TailSettings(0.1, 0.5, 5, 5, "class")), str(work / "foreign.onnx"))
+    for name, why in (("garbage.onnx", "onnxruntime cannot load it"), ("foreign.onnx", "no onestage metadata"),
+                      ("absent.onnx", "no such ONNX file")):
+        assert cli_main(["predict", str(work / name), str(images), "--out", str(work / "o")]) == 2
+        assert f"{name}: {why}" in capsys.readouterr().err
