@@ -55,6 +55,16 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default 16)")
     pr.add_argument("overrides", nargs="*", default=[], help=argparse.SUPPRESS)
 
+    x = sub.add_parser("export", help="export a checkpoint to ONNX, checked against PyTorch with onnxruntime")
+    x.add_argument("checkpoint", type=Path)
+    x.add_argument("--out", type=Path, required=True, help="the .onnx file to write")
+    x.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17; --nms needs >= 11)")
+    x.add_argument("--dynamic-batch", action="store_true", help="any batch size (default: batch 1)")
+    x.add_argument("--nms", action="store_true", help="end the graph with NMS: padded detections and a count")
+    x.add_argument("--max-detections", type=int, metavar="K", help="per-image cap and padded size (default: eval's)")
+    x.add_argument("--half", action="store_true", help="float16 network (checked at a looser tolerance)")
+    x.add_argument("overrides", nargs="*", default=[], help="inference settings, e.g. eval.score_threshold=0.05")
+
     i = sub.add_parser("inspect", help="print the model's output layout")
     i.add_argument("config")
     i.add_argument("overrides", nargs="*")
@@ -111,14 +121,10 @@ def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
 
 
 # Options that take no value (the word after them is never theirs).
-_FLAGS = {"--json", "--no-progress", "--plot-lr", "--help"}
+_FLAGS = {"--json", "--no-progress", "--plot-lr", "--help", "--dynamic-batch", "--nms", "--half"}
 
 
 def main(argv: list[str] | None = None) -> int:
-    from onestage.data.problems import DataError
-    from onestage.engine.checkpoint import CheckpointError
-    from onestage.models.backbones.base import BackboneWeightsError
-
     parser = _parser()
     # key=value overrides may stand anywhere (`inspect CFG --json a.b=1`): taken out before parsing.
     words, overrides = split_overrides(sys.argv[1:] if argv is None else argv)
@@ -134,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_eval(args)
         if args.command == "predict":
             return cmd_predict(args)
+        if args.command == "export":
+            return cmd_export(args)
         if args.command == "inspect":
             return cmd_inspect(args)
         if args.command == "anchors":
@@ -147,10 +155,25 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except (DataError, CheckpointError, BackboneWeightsError) as exc:  # each names its file and the problem
+    except _file_errors() as exc:  # each names its file and the problem
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 1
+
+
+def _file_errors() -> tuple[type[Exception], ...]:
+    """Errors printed without a traceback. Evaluated only when an exception is raised, and the
+    training stack's errors only when torch is loaded: `predict model.onnx` never imports it."""
+    from onestage.data.problems import DataError
+    from onestage.export import ExportError
+
+    errors: tuple[type[Exception], ...] = (DataError, ExportError)
+    if "torch" in sys.modules:
+        from onestage.engine.checkpoint import CheckpointError
+        from onestage.models.backbones.base import BackboneWeightsError
+
+        errors += (CheckpointError, BackboneWeightsError)
+    return errors
 
 
 # ----------------------------------------------------------------------------- train
@@ -374,17 +397,24 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     from tqdm import tqdm
 
-    from onestage.api import load_detector, save_predictions
     from onestage.data.check import draw_boxes
     from onestage.data.io import load_image
+    from onestage.prediction import save_predictions
 
-    if args.checkpoint.suffix in (".yaml", ".yml"):  # the form before 0.2: predict CONFIG CHECKPOINT INPUTS
+    if args.checkpoint.suffix == ".onnx":  # onnxruntime alone: torch and the training code are never imported
+        from onestage.export.runtime import load_onnx_detector
+
+        det = load_onnx_detector(args.checkpoint, config=args.config, overrides=args.overrides)
+    elif args.checkpoint.suffix in (".yaml", ".yml"):  # the form before 0.2: predict CONFIG CHECKPOINT INPUTS
         print(f"note: `predict CONFIG CHECKPOINT` is now `predict CHECKPOINT ... --config CONFIG`; "
               f"reading {args.checkpoint} as --config", file=sys.stderr)
         args.config, args.checkpoint, args.inputs = args.checkpoint, args.inputs[0], args.inputs[1:]
         if not args.inputs:
             raise ConfigError("predict: give images or folders after the checkpoint")
-    det = load_detector(args.checkpoint, config=args.config, overrides=args.overrides, batch_size=args.batch_size)
+    if args.checkpoint.suffix != ".onnx":
+        from onestage.api import load_detector
+
+        det = load_detector(args.checkpoint, config=args.config, overrides=args.overrides, batch_size=args.batch_size)
     args.out.mkdir(parents=True, exist_ok=True)
     args.inputs = _predict_videos(det, args)
     if not args.inputs:
@@ -410,13 +440,23 @@ def _predict_videos(det, args: argparse.Namespace) -> list[Path]:
     from onestage.video import is_video_file, predict_video
 
     videos = [p for p in args.inputs if p.is_file() and is_video_file(p)]
-    threshold = det.cfg.eval.display_threshold if args.threshold is None else args.threshold
+    threshold = det.display_threshold if args.threshold is None else args.threshold
     for path in videos:
         summary = predict_video(lambda frames: det.predict(frames, threshold=threshold, batch_size=len(frames)),
                                 det.class_names, path, args.out, batch_size=args.batch_size, threshold=threshold)
         print(f"{path}: {summary['frames']} frames at {summary['frames_per_second']:.1f} frames/s -> "
               f"{summary['video']}, {summary['json']}")
     return [p for p in args.inputs if p not in videos]
+
+
+# ----------------------------------------------------------------------------- export
+def cmd_export(args: argparse.Namespace) -> int:
+    from onestage.export.onnx import export_onnx
+
+    report = export_onnx(args.checkpoint, args.out, opset=args.opset, dynamic_batch=args.dynamic_batch, nms=args.nms,
+                         max_detections=args.max_detections, half=args.half, overrides=args.overrides)
+    print(report.summary())
+    return 0
 
 
 # ----------------------------------------------------------------------------- inspect
