@@ -270,8 +270,6 @@ def check_export(path: Path, loaded: Any, wrapper: nn.Module, settings: TailSett
        counted and reported; 1 and 2 together prove they are PyTorch's answer for inputs within
        the raw tolerance. Images where 1 or 2 fail raise.
     """
-    import onnxruntime as ort
-
     session = _checking_session(path, nms)
     x = check_inputs(loaded.cfg.model.input_size, images)
     batches = [x, x[:1]] if dynamic else [x[i : i + 1] for i in range(len(x))]

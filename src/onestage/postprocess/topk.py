@@ -9,7 +9,6 @@ keep the same boxes when scores tie (saturated sigmoids and softmaxes give exact
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 
