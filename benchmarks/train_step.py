@@ -14,9 +14,9 @@ so bf16 is emulated as it is there (and the calibration cache keys on both setti
 A train step here is the full one: forward under autocast, the detection loss, backward, AdamW.
 Each mode runs on its own copy of the model; the first step (allocator, oneDNN kernels) is not
 timed, and the modes take turns step by step (a shared machine's load falls on all alike). A mode
-whose step takes 10x the fastest is timed once and not again. ``auto`` is timed the
-way a run decides (engine/calibrate.py: forward + backward of the network alone, a few seconds, no
-cache here) and its figure is the full step of the mode it chose.
+whose step takes SLOW_STOP_FACTOR (4) x the fastest is not timed again. ``auto`` is timed the
+way a run decides (engine/calibrate.py on this batch and loss, no optimizer step, a few seconds
+on an idle machine, no cache here) and its figure is the full step of the mode it chose.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def step_times(cfg, detector, batch, steps: int) -> dict[tuple, tuple[float, int
         fastest = min((t for ts in timed.values() for t in ts), default=float("inf"))
         for mode in MODES:
             if timed[mode] and timed[mode][-1] > SLOW_STOP_FACTOR * fastest:
-                continue  # one step at 10x the fastest is figure enough
+                continue  # one step that slow is figure enough
             model, optimizer, images = runs[mode]
             t = time.perf_counter()
             with torch.autocast("cpu", dtype=mode[0], enabled=mode[0] is not None):
@@ -104,20 +104,23 @@ def main() -> None:
           f"train step = forward + loss + backward + AdamW, median of up to {args.steps} steps")
     measured = step_times(cfg, detector, batch, args.steps)
     times = {mode_key(*mode): t for mode, (t, _) in measured.items()}
-    fastest = min(times.values())
     for mode, (t, n) in measured.items():
-        note = "" if n == args.steps else f"  ({n} step: {t / fastest:.0f}x the fastest, not repeated)"
+        note = "" if n == args.steps else f"  ({n} of {args.steps} steps: a step took over {SLOW_STOP_FACTOR:.0f}x the fastest)"
         print(f"  {_label(*mode):<30} {t:7.3f} s  {bs / t:6.1f} img/s  = {t / times['fp32']:5.2f}x fp32's time{note}")
 
     start = time.perf_counter()
-    decision = resolve_precision(cfg.precision, detector.model, (bs, 3, size, size), torch.device("cpu"),
-                                 train=True, cache=False)
+    decision = resolve_precision(
+        cfg.precision, detector.model, (bs, 3, size, size), torch.device("cpu"), train=True, cache=False,
+        images=batch["images"], loss_fn=lambda out: detector.criterion(out, batch["boxes"], batch["labels"])["total"],
+    )
     calibration_s = time.perf_counter() - start
     chosen = times[mode_key(decision.dtype, decision.channels_last)]
     old_default = times["bf16+channels_last"]  # precision.amp: true, channels_last: true before issue 15
     print(f"  {'auto -> ' + _label(decision.dtype, decision.channels_last):<30} {chosen:7.3f} s  {bs / chosen:6.1f} img/s  "
           f"= {old_default / chosen:.2f}x the old default's speed (amp true, channels_last true)")
     print(f"  auto's calibration took {calibration_s:.1f} s (once per machine, model and batch shape; cached): {decision.reason}")
+    print("  its timings (forward + loss + backward, no optimizer step): "
+          + ", ".join(f"{k} {t:.3f} s" for k, t in decision.timings.items()))
     if args.no_loader:
         return
 

@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 
 from onestage.config import load_config
-from onestage.engine import budget as budget_mod
 from onestage.engine import trainer as trainer_mod
 from onestage.engine.budget import FINAL_EVAL_FACTOR, BudgetPlanner
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import signal
 import subprocess
@@ -162,7 +163,20 @@ def test_sigkill_mid_write_keeps_previous_checkpoint(tmp_path: Path) -> None:
 def test_arbitrary_class_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "evil.pt"
     torch.save({"model": {}, "extra": NotATensor()}, path)
-    with pytest.raises(CheckpointError, match=r"evil\.pt: refused by safe loading .*NotATensor"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"evil\.pt: holds objects that are not tensors or plain data; refused by weights_only loading .*NotATensor",
+    ):
+        load_checkpoint(path)
+
+
+def test_plain_pickle_is_refused_by_weights_only_loading_not_called_corrupt(tmp_path: Path) -> None:
+    # pickle.dump writes protocol-4 opcodes that the weights_only unpickler refuses; torch puts
+    # the reason on the line after "WeightsUnpickler error:".
+    path = tmp_path / "plain.pt"
+    with path.open("wb") as f:
+        pickle.dump({"model": {}, "extra": NotATensor()}, f)
+    with pytest.raises(CheckpointError, match=r"plain\.pt: refused by weights_only loading \(Unsupported operand"):
         load_checkpoint(path)
 
 

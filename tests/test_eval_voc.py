@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from onestage.config import load_config
+
 from onestage.eval.voc import (
     ELEVEN_POINTS,
     FALSE_POSITIVE,
@@ -179,9 +181,43 @@ def test_threshold_is_inclusive_and_legacy_mode_differs():
 
     # Legacy is strict: IoU_legacy([0,0,9,9], [0,0,9,4]) = (10*5)/(10*10) = 0.5 exactly -> miss.
     g, d = [gt([[0, 0, 9, 9]], [0])], [det([[0, 0, 9, 4]], [0.9], [0])]
-    assert iou_matrix(d[0][0], g[0][0], legacy=True)[0, 0] == 0.5
+    assert iou_matrix(d[0][0], g[0][0], plus_one=True)[0, 0] == 0.5
     assert evaluate_voc(g, d, 1, legacy=True).ap[0] == 0.0
     assert evaluate_voc(g, d, 1, iou_threshold=0.49, legacy=True).ap[0] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize(
+    ("convention", "expected_a", "expected_b"),
+    [
+        # A: [0,0,10,10] vs [0,0,10,5]: continuous IoU 50/100 = 0.5 exactly (+1 px: 66/121 = 0.545).
+        # B: [0,0,9,9] vs [0,0,9,4]: +1 px IoU (10*5)/(10*10) = 0.5 exactly (continuous: 36/81 = 0.444).
+        ("continuous", 1.0, 0.0),  # no +1, IoU >= 0.5: A at exactly 0.5 matches
+        ("devkit", 1.0, 1.0),  # VOCevaldet.m: +1, ov >= minoverlap: B at exactly 0.5 matches
+        ("voc_eval_py", 1.0, 0.0),  # voc_eval.py: +1, ovmax > ovthresh: B at exactly 0.5 misses
+    ],
+)
+def test_voc_conventions_at_exactly_iou_half(convention, expected_a, expected_b):
+    pair_a = [gt([[0, 0, 10, 10]], [0])], [det([[0, 0, 10, 5]], [0.9], [0])]
+    pair_b = [gt([[0, 0, 9, 9]], [0])], [det([[0, 0, 9, 4]], [0.9], [0])]
+    assert evaluate_voc(*pair_a, 1, convention=convention).ap[0] == expected_a
+    assert evaluate_voc(*pair_b, 1, convention=convention).ap[0] == expected_b
+    assert evaluate_voc(*pair_b, 1, convention=convention).convention == convention
+    # The same through the Evaluator that `eval` and training validation use (eval.voc_convention).
+    from onestage.data.record import ImageRecord
+    from onestage.eval.evaluator import Evaluator
+
+    ev = Evaluator(["a"], voc_convention=convention)
+    rec = ImageRecord(image_id="x", width=20, height=20, boxes=np.array([[0, 0, 9, 9]], np.float32),
+                      labels=np.array([0]), difficult=np.array([False]))
+    ev.update([rec], [{"boxes": np.array([[0, 0, 9, 4]]), "scores": np.array([0.9]), "labels": np.array([0])}])
+    assert ev.compute().metrics["voc_ap50"] == expected_b
+
+
+def test_voc_convention_names_are_checked():
+    with pytest.raises(ValueError, match="continuous, devkit, voc_eval_py"):
+        evaluate_voc([gt([[0, 0, 9, 9]], [0])], [det([[0, 0, 9, 4]], [0.9], [0])], 1, convention="coco")
+    assert load_config(None, ["eval.voc_convention=devkit"]).eval.voc_convention == "devkit"
+    assert load_config(None, []).eval.voc_convention == "continuous"
 
 
 def test_match_image_status_codes():

@@ -207,6 +207,8 @@ def test_compare_two_runs_gives_every_row_for_each_model(tmp_path, no_calibratio
     md = (out / "compare.md").read_text()
     assert all(name in md for name in ROWS)
     assert (out / "detections.png").exists() and (out / "assign_yolov3.png").exists()
+    html = (out / "report.html").read_text()
+    assert "temporal stability on video" in html and "yolov3" in html
 
 
 # ----------------------------------------------------------------------------- configs

@@ -1,4 +1,4 @@
-"""Mixed precision (engine/precision.py): the fp32 predicate and regions, dtypes, loss scaling."""
+"""Mixed precision (engine/precision.py): the fp32 predicate and what it forces, dtypes, loss scaling."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ from onestage.engine.precision import (
     FP32_OPS,
     LossScaler,
     autocast_context,
-    fp32_region,
     grads_are_finite,
     resolve_dtype,
     should_force_fp32,
@@ -51,60 +50,49 @@ def test_resolve_dtype_and_autocast_context() -> None:
         assert nn.Linear(4, 2)(torch.ones(1, 4)).dtype == torch.bfloat16
 
 
-def test_fp32_region_disables_autocast_only_when_forced() -> None:
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        with fp32_region("loss_reduction", AMP) as cast:
-            assert not torch.is_autocast_enabled("cpu")
-            assert cast(torch.ones(2, dtype=torch.bfloat16)).dtype == torch.float32
-            assert cast(torch.ones(2, dtype=torch.int64)).dtype == torch.int64
-        with fp32_region("loss_reduction", AMP_NONE_FORCED) as cast:
-            assert torch.is_autocast_enabled("cpu")
-            assert cast(torch.ones(2, dtype=torch.bfloat16)).dtype == torch.bfloat16
+def _iou_dtype(precision: PrecisionConfig) -> torch.dtype:
+    """What the matcher and NMS do with the predicate (families/ssd.py, postprocess/ssd.py)."""
+    return torch.float32 if should_force_fp32("iou", precision) else torch.bfloat16
 
 
-def test_iou_in_fp32_region_equals_fp32() -> None:
+def test_iou_forced_to_fp32_equals_fp32() -> None:
     reference = box_iou(BOXES[:1], BOXES[1:])
     assert reference.item() == pytest.approx(0.69 / 1.31, abs=1e-4)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        with fp32_region("iou", AMP) as cast:
-            forced = box_iou(cast(BOXES[:1]), cast(BOXES[1:]))
-        # What the IoU sees when the boxes were produced in bf16 (e.g. by an un-forced decode).
-        unforced = box_iou(BOXES[:1].bfloat16(), BOXES[1:].bfloat16())
+    forced = box_iou(BOXES[:1], BOXES[1:], dtype=_iou_dtype(AMP))
+    unforced = box_iou(BOXES[:1], BOXES[1:], dtype=_iou_dtype(AMP_NONE_FORCED))
     assert forced.dtype == torch.float32 and torch.equal(forced, reference)
-    assert unforced.item() == 0.0
+    assert unforced.item() == 0.0  # in bf16 the two boxes 0.3 px apart no longer overlap
 
 
-def test_loss_reduction_in_fp32_region_equals_fp32() -> None:
+def test_loss_reduction_forced_to_fp32_equals_fp32() -> None:
     with torch.autocast("cpu", dtype=torch.bfloat16):
         # (10000,) per-prior values as an autocast forward returns them: bf16(0.1) = 205 / 2048
         per_prior = (torch.ones(10000, 1) @ torch.full((1, 1), 0.1)).squeeze(1)
-        assert per_prior.dtype == torch.bfloat16 and per_prior[0].item() == 205 / 2048
-        with fp32_region("loss_reduction", AMP) as cast:
-            forced = cast(per_prior).sum()
-        with fp32_region("loss_reduction", AMP_NONE_FORCED) as cast:
-            unforced = cast(per_prior).sum()
-    reference = per_prior.float().sum()  # the same values reduced in pure fp32, no autocast
+    assert per_prior.dtype == torch.bfloat16 and per_prior[0].item() == 205 / 2048
+
+    def reduce(precision: PrecisionConfig) -> torch.Tensor:  # as the criteria do (losses/multibox.py)
+        return (per_prior.float() if should_force_fp32("loss_reduction", precision) else per_prior).sum()
+
+    forced, unforced = reduce(AMP), reduce(AMP_NONE_FORCED)
+    reference = per_prior.float().sum()  # the same values reduced in pure fp32
     # 10000 * 205 / 2048 = 1000.9765625 needs 21 significant bits: exact in fp32
     assert forced.dtype == torch.float32 and forced.item() == reference.item() == 1000.9765625
-    # un-forced the sum comes back in bf16 (8 significant bits, spacing 4 in [512, 1024))
+    # un-forced the sum stays in bf16 (8 significant bits, spacing 4 in [512, 1024))
     assert unforced.dtype == torch.bfloat16 and unforced.item() == 1000.0
 
 
-def test_nms_in_fp32_region_equals_fp32() -> None:
-    postprocess = pytest.importorskip("onestage.postprocess")
-    batched_nms = getattr(postprocess, "batched_nms", None)
-    if batched_nms is None:
-        pytest.skip("onestage.postprocess.batched_nms is not written yet")
-    scores = torch.tensor([0.9, 0.8])
-    labels = torch.tensor([0, 0])
-    reference = batched_nms(BOXES, scores, labels, 0.45)
-    assert reference.tolist() == [0]  # IoU 0.527 > 0.45: the lower score is suppressed
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        with fp32_region("nms", AMP) as cast:
-            forced = batched_nms(cast(BOXES), cast(scores), labels, 0.45)
-        unforced = batched_nms(BOXES.bfloat16().float(), scores.bfloat16().float(), labels, 0.45)
-    assert forced.dtype == torch.int64 and forced.tolist() == reference.tolist()
-    assert unforced.tolist() == [0, 1]  # with bf16-rounded boxes the pair no longer overlaps
+def test_nms_forced_to_fp32_equals_fp32() -> None:
+    from onestage.postprocess import nms_keep_mask
+
+    valid = torch.ones(2, dtype=torch.bool)
+    reference = nms_keep_mask(BOXES, valid, 0.45)
+    assert reference.tolist() == [True, False]  # IoU 0.527 > 0.45: the lower score is suppressed
+
+    def nms_dtype(precision: PrecisionConfig) -> torch.dtype:  # as the post-processors do
+        return torch.float32 if should_force_fp32("nms", precision) else torch.bfloat16
+
+    assert nms_keep_mask(BOXES, valid, 0.45, dtype=nms_dtype(AMP)).tolist() == reference.tolist()
+    assert nms_keep_mask(BOXES, valid, 0.45, dtype=nms_dtype(AMP_NONE_FORCED)).tolist() == [True, True]
 
 
 # ----------------------------------------------------------------------------- loss scaling

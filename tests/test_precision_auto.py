@@ -84,6 +84,8 @@ def test_small_bf16_gain_stays_fp32_and_layout_follows_the_measurement() -> None
     assert (d.amp, d.channels_last) == (False, False)  # contiguous is the faster fp32 layout here
     assert "bf16 measured only 1.05x faster, under the 1.1x" in d.reason
     assert "channels_last 1.2x slower than contiguous" in d.reason
+    near = {**timings, "fp32+channels_last": 1.05}  # contiguous only 1.05x faster: channels_last stays
+    assert decide_precision(AUTO, AMX, near).channels_last is True
 
 
 def test_explicit_true_with_bf16_ten_times_slower_is_honoured_with_a_warning() -> None:
@@ -166,10 +168,25 @@ def test_measuring_leaves_the_model_and_rng_unchanged(train: bool) -> None:
     assert torch.equal(torch.get_rng_state(), rng)  # the dropout draws came from a forked generator
 
 
+def test_measuring_uses_the_given_batch_and_loss() -> None:
+    seen: list[torch.Size] = []
+
+    def loss_fn(outputs: torch.Tensor) -> torch.Tensor:
+        seen.append(outputs.shape)
+        return outputs.float().pow(2).mean()
+
+    images = torch.rand(2, 3, 8, 8)
+    timings = measure_precision_modes(_net(), (2, 3, 8, 8), CPU, train=True, modes=[(None, False)], time_limit=0.0,
+                                      images=images, loss_fn=loss_fn)
+    assert list(timings) == ["fp32"] and seen == [torch.Size([2, 2, 8, 8])] * 2  # warmup + one timed step
+    with pytest.raises(ValueError, match=r"images of shape \(2, 3, 8, 8\), batch_shape \(4, 3, 8, 8\)"):
+        measure_precision_modes(_net(), (4, 3, 8, 8), CPU, train=True, modes=[(None, False)], images=images)
+
+
 def test_one_very_slow_step_ends_that_dtype(monkeypatch) -> None:
     calls: list[str] = []
 
-    def fake_step(model, images, dtype, device, train, clock) -> float:
+    def fake_step(model, images, dtype, device, train, clock, loss_fn) -> float:
         calls.append(calibrate.mode_key(dtype, images.is_contiguous(memory_format=torch.channels_last)))
         return 1.0 if dtype is None else 20.0
 
@@ -181,10 +198,19 @@ def test_one_very_slow_step_ends_that_dtype(monkeypatch) -> None:
     assert calls == ["fp32+channels_last", "fp32", "bf16+channels_last"] + ["fp32+channels_last", "fp32"] * 3
 
 
+def test_a_slow_step_after_the_first_ones_joins_the_median(monkeypatch) -> None:
+    # rounds: warmup (1, 1), round 1 (1, 1), round 2 (50: a load spike, 1)
+    steps = iter([1.0, 1.0, 1.0, 1.0, 50.0, 1.0])
+    monkeypatch.setattr(calibrate, "_timed_step", lambda *args: next(steps))
+    timings = measure_precision_modes(_net(), (2, 3, 8, 8), CPU, train=True, modes=[(None, True), (None, False)],
+                                      time_limit=1e9, max_steps=2)
+    assert timings == {"fp32+channels_last": 25.5, "fp32": 1.0}  # the median of 1 and 50; not dropped
+
+
 def test_rounds_stop_at_the_time_limit_after_one_timed_round(monkeypatch) -> None:
     now = [0.0]
 
-    def fake_step(model, images, dtype, device, train, clock) -> float:
+    def fake_step(model, images, dtype, device, train, clock, loss_fn) -> float:
         now[0] += 1.0  # every step takes one second of the fake clock
         return 1.0
 
@@ -199,7 +225,7 @@ class CountingMeasure:
     def __init__(self, timings: dict[str, float]) -> None:
         self.timings, self.calls = timings, 0
 
-    def __call__(self, model, batch_shape, device, *, train, modes, time_limit) -> dict[str, float]:
+    def __call__(self, model, batch_shape, device, *, train, modes, time_limit, images, loss_fn) -> dict[str, float]:
         self.calls += 1
         return dict(self.timings)
 
@@ -259,7 +285,7 @@ def test_cache_dir_precedence(tmp_path, monkeypatch) -> None:
 def test_doctor_json_on_the_demo_config(tmp_path, monkeypatch, capsys) -> None:
     monkeypatch.setenv("ONESTAGE_CACHE_DIR", str(tmp_path))
     config = str(ROOT / "configs" / "demo_shapes.yaml")
-    assert cli.main(["doctor", config, "train.batch_size=2", "model.input_size=128", "data.train.num_images=4", "--json",
+    assert cli.main(["doctor", config, "train.batch_size=2", "model.input_size=128", "data.train.num_images=4", "data.val.num_images=2", "--json",
                      "--time-limit", "0.05", "--device", "cpu"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["machine"]["cpu"]["capability"] == torch.backends.cpu.get_cpu_capability()
@@ -273,3 +299,22 @@ def test_doctor_json_on_the_demo_config(tmp_path, monkeypatch, capsys) -> None:
         for mode in result["modes"].values():
             assert mode["images_per_second"] == pytest.approx(2 / mode["seconds_per_step"])
     assert len(json.loads((tmp_path / "precision.json").read_text())["entries"]) == 2  # train and eval
+
+
+def test_doctor_text_report_names_the_cpu_skipped_modes_and_warnings() -> None:
+    from onestage.doctor import format_report, machine_report
+
+    machine = machine_report()
+    part = {
+        "modes": {"fp32": {"seconds_per_step": 0.5, "images_per_second": 4.0}}, "skipped": ["bf16"],
+        "auto": {"reason": "precision: fp32, contiguous (why)"}, "configured": {"reason": "as set", "warning": "slow"},
+    }
+    report = {"model": "m", "batch_shape": [2, 3, 8, 8], "device": "cpu",
+              "precision": {"amp": True, "channels_last": "auto"}, "train": part, "eval": part}
+    lines = format_report(machine, report).splitlines()
+    assert f"  capability {torch.backends.cpu.get_cpu_capability()}, flags: " in "\n".join(lines)
+    assert "    fp32" + " " * 36 + "   0.500       4.0" in lines
+    assert any(line.startswith("    bf16 ") and "not measured" in line for line in lines)
+    assert lines.count("    auto: precision: fp32, contiguous (why)") == 2
+    assert lines.count("    this config (amp=true, channels_last=auto): as set") == 2
+    assert lines.count("    warning: slow") == 2

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import signal
 import subprocess
 import sys
@@ -185,7 +184,7 @@ def test_cli_train_eval_predict(tmp_path, capsys):
     assert cli_main(["train", *args, "--no-progress"]) == 0
     run = tmp_path / "cli"
     for name in ("config.yaml", "metrics.csv", "last.pt", "best.pt", "plots/losses.png", "plots/lr.png",
-                 "eval/pr_curves.png", "eval/metrics.json"):
+                 "eval/pr_curves.png", "eval/metrics.json", "eval/result.json", "report.html"):
         assert (run / name).exists(), name
     assert len(list((run / "predictions").glob("*.png"))) == 4
     capsys.readouterr()

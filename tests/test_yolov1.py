@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -337,3 +338,114 @@ def test_config_chooses_the_yolov1_head() -> None:
     assert isinstance(conv.model.head, YOLOv1ConvHead) and isinstance(fc.model.head, YOLOv1Head)
     x = torch.randn(1, 3, 128, 128)
     assert conv.model.eval()(x).shape == fc.model.eval()(x).shape == (1, 7, 7, 12)
+
+
+# ----------------------------------------------------------------------------- preset: darknet
+def _box_iou_cxcywh(a: tuple[float, ...], b: tuple[float, ...]) -> float:
+    """Darknet's box_iou on (x, y, w, h) centre boxes (box.c: overlap, box_intersection, box_union)."""
+    def overlap(x1: float, w1: float, x2: float, w2: float) -> float:
+        return min(x1 + w1 / 2, x2 + w2 / 2) - max(x1 - w1 / 2, x2 - w2 / 2)
+
+    w, h = overlap(a[0], a[2], b[0], b[2]), overlap(a[1], a[3], b[1], b[3])
+    inter = 0.0 if w < 0 or h < 0 else w * h
+    return inter / (a[2] * a[3] + b[2] * b[3] - inter)
+
+
+def darknet_detection_deltas(raw: torch.Tensor, truths: list[dict], S: int, B: int, C: int) -> tuple[np.ndarray, np.ndarray]:
+    """A transcription of Darknet's forward_detection_layer (detection_layer.c) with yolov1.cfg's
+    softmax=0 sqrt=1 rescore=1 forced=0, coord_scale 5, noobject_scale .5, object_scale 1,
+    class_scale 1, in onestage's layout. ``truths[b]`` maps (row, col) -> (x, y, w, h, class)
+    with x, y the offsets in the cell (Darknet's truth after fill_truth_region).
+    Returns l.delta (N, S, S, 5B + C) and the matching per-entry scale."""
+    out = raw.double().numpy()
+    delta = np.zeros_like(out)
+    scale = np.ones_like(out)
+    for b in range(out.shape[0]):
+        for row in range(S):
+            for col in range(S):
+                o = out[b, row, col]
+                for j in range(B):
+                    delta[b, row, col, 5 * j + 4] = 0.5 * (0 - o[5 * j + 4])
+                    scale[b, row, col, 5 * j + 4] = 0.5
+                if (row, col) not in truths[b]:
+                    continue
+                tx, ty, tw, th, cls = truths[b][(row, col)]
+                for c in range(C):
+                    delta[b, row, col, 5 * B + c] = (1.0 if c == cls else 0.0) - o[5 * B + c]
+                truth = (tx / S, ty / S, tw, th)
+                best_index, best_iou, best_rmse = -1, 0.0, 20.0
+                for j in range(B):
+                    x, y, sw, sh = o[5 * j : 5 * j + 4]
+                    box = (x / S, y / S, sw * sw, sh * sh)
+                    iou = _box_iou_cxcywh(box, truth)
+                    rmse = math.sqrt(sum((p - q) ** 2 for p, q in zip(box, truth)))
+                    if best_iou > 0 or iou > 0:
+                        if iou > best_iou:
+                            best_iou, best_index = iou, j
+                    elif rmse < best_rmse:
+                        best_rmse, best_index = rmse, j
+                j = best_index
+                x, y, sw, sh, conf = o[5 * j : 5 * j + 5]
+                iou = _box_iou_cxcywh((x / S, y / S, sw * sw, sh * sh), truth)
+                delta[b, row, col, 5 * j + 4] = 1.0 * (iou - conf)  # rescore
+                scale[b, row, col, 5 * j + 4] = 1.0
+                for k, target in enumerate((tx, ty, math.sqrt(tw), math.sqrt(th))):
+                    delta[b, row, col, 5 * j + k] = 5.0 * (target - o[5 * j + k])
+                    scale[b, row, col, 5 * j + k] = 5.0
+    return delta, scale
+
+
+def test_darknet_preset_equals_darknet_detection_layer() -> None:
+    S, B, C = 3, 2, 3
+    truths = [
+        {(1, 1): (0.5, 0.5, 0.3, 0.4, 1), (2, 0): (0.3, 0.4, 0.15, 0.1, 2)},
+        {(0, 2): (0.55, 0.6, 0.2, 0.3, 0)},
+    ]
+    raw = 0.4 * torch.randn(2, S, S, 5 * B + C, generator=torch.Generator().manual_seed(0))
+    # Cell (1, 1) of image 0: two tiny boxes in the cell's top-left corner, neither overlapping
+    # the object (IoU 0 and 0); predictor 1 is nearer (RMSE 0.5456 against 0.5496): Darknet makes
+    # it responsible, where "ties to the lowest index" would pick predictor 0.
+    raw[0, 1, 1, 0:4] = torch.tensor([0.0, 0.0, 0.05, 0.05])
+    raw[0, 1, 1, 5:9] = torch.tensor([0.02, 0.02, 0.05, 0.05])
+    raw[1, 0, 2, 2] = -0.3  # a negative linear sqrt(w): w = 0.09, as Darknet squares it
+    boxes = torch.zeros(2, 2, 4)
+    labels = torch.full((2, 2), -1)
+    for b, image in enumerate(truths):
+        for k, ((row, col), (tx, ty, tw, th, cls)) in enumerate(image.items()):
+            cx, cy = (col + tx) / S, (row + ty) / S
+            boxes[b, k] = torch.tensor([cx - tw / 2, cy - th / 2, cx + tw / 2, cy + th / 2])
+            labels[b, k] = cls
+    delta, scale = darknet_detection_deltas(raw, truths, S, B, C)
+    assert delta[0, 1, 1, 5] != 0 and delta[0, 1, 1, 0] == 0  # predictor 1 got the box deltas
+
+    loss = YOLOv1Loss(S=S, B=B, num_classes=C, preset="darknet")
+    outputs = raw.clone().requires_grad_(True)
+    total = loss(outputs, boxes, labels)["total"]
+    total.backward()
+    n = raw.shape[0]
+    # The loss whose gradient is Darknet's -2 delta: sum of scale * (target - output)^2.
+    assert total.item() * n == pytest.approx(float((delta**2 / scale).sum()), rel=1e-5)
+    np.testing.assert_allclose(outputs.grad.double().numpy() * n, -2 * delta, atol=1e-5)
+    # The default keeps its bounded activations and the lowest-index tie rule.
+    default = YOLOv1Loss(S=S, B=B, num_classes=C)
+    assert default(raw, boxes, labels)["total"].item() != pytest.approx(total.item(), rel=1e-3)
+
+
+def test_responsible_predictor_rmse_breaks_zero_iou_ties_only() -> None:
+    iou = torch.tensor([[[[0.0, 0.0], [0.3, 0.3]]]])  # (1, 1, 2, 2): a zero tie, a positive tie
+    rmse = torch.tensor([[[[0.5, 0.2], [0.5, 0.2]]]])
+    obj = torch.ones(1, 1, 2, dtype=torch.bool)
+    resp = responsible_predictors(iou, obj, rmse)
+    # Zero IoUs: the smaller RMSE (predictor 1); equal positive IoUs: the first (Darknet's iou > best_iou).
+    assert resp[0, 0, 0].tolist() == [False, True] and resp[0, 0, 1].tolist() == [True, False]
+    assert responsible_predictors(iou, obj)[0, 0, 0].tolist() == [True, False]
+
+
+def test_darknet_preset_decodes_linear_outputs() -> None:
+    out = torch.zeros(1, 1, 1, 5 * 1 + 2)
+    out[0, 0, 0] = torch.tensor([0.5, 0.5, -0.4, 0.3, 0.8, 0.9, 0.1])  # x, y, sqrt w, sqrt h, conf, classes
+    post = YOLOv1PostProcessor(S=1, B=1, num_classes=2, score_threshold=0.05, linear=True)
+    det = post(out)[0]
+    # centre (0.5, 0.5), w = 0.16, h = 0.09; scores conf x class = 0.72 and 0.08 (no sigmoid, no softmax)
+    assert torch.allclose(det.scores, torch.tensor([0.72, 0.08]))
+    assert torch.allclose(det.boxes[0], torch.tensor([0.42, 0.455, 0.58, 0.545]), atol=1e-6)

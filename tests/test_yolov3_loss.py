@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import Tensor, nn
@@ -130,7 +131,11 @@ def _iou(a: tuple[float, ...], b: tuple[float, ...]) -> float:
 
 def darknet_deltas(raw: list[Tensor], truths: list[list[tuple[float, float, float, float, int]]]) -> list[Tensor]:
     """A line-by-line transcription of Darknet's forward_yolo_layer (yolo_layer.c, iou_loss=mse,
-    ignore_thresh=.7, truth_thresh=1) for the tiny layout above: returns l.delta per scale."""
+    ignore_thresh=.7, truth_thresh=1) for the tiny layout above: returns l.delta per scale.
+
+    As in C: truth.x is a float, ``i = (int)(truth.x * l.w)`` and ``tx = truth.x * lw - i`` in
+    float32; ``delta_yolo_class`` on a slot whose class delta is already written (a second
+    object on the same cell and anchor) only sets that class's delta to 1 - output."""
     all_anchors = [tuple(a.tolist()) for group in DN_ANCHORS for a in group]
     deltas = [torch.zeros_like(r) for r in raw]
     for s, (r, (lh, lw)) in enumerate(zip(raw, DN_GRIDS)):
@@ -158,15 +163,19 @@ def darknet_deltas(raw: list[Tensor], truths: list[list[tuple[float, float, floa
                 if not first <= best_n < first + n_local:
                     continue
                 n = best_n - first
-                i, j = int(cx * lw), int(cy * lh)
+                gx, gy = np.float32(cx) * np.float32(lw), np.float32(cy) * np.float32(lh)  # float math
+                i, j = int(gx), int(gy)
                 x = r[b, n, j, i].tolist()
                 aw, ah = all_anchors[best_n]
                 scale = 2 - w * h
-                d[b, n, j, i, 0] = scale * (cx * lw - i - _sig(x[0]))
-                d[b, n, j, i, 1] = scale * (cy * lh - j - _sig(x[1]))
+                d[b, n, j, i, 0] = scale * (float(gx - np.float32(i)) - _sig(x[0]))
+                d[b, n, j, i, 1] = scale * (float(gy - np.float32(j)) - _sig(x[1]))
                 d[b, n, j, i, 2] = scale * (math.log(w / aw) - x[2])
                 d[b, n, j, i, 3] = scale * (math.log(h / ah) - x[3])
                 d[b, n, j, i, 4] = 1 - _sig(x[4])
+                if d[b, n, j, i, 5 + cls] != 0:  # delta_yolo_class: the slot already has a class
+                    d[b, n, j, i, 5 + cls] = 1 - _sig(x[5 + cls])
+                    continue
                 for c in range(DN_CLASSES):
                     d[b, n, j, i, 5 + c] = (1.0 if c == cls else 0.0) - _sig(x[5 + c])
     return deltas
@@ -200,6 +209,58 @@ def test_darknet_preset_reproduces_darknet_gradient() -> None:
     for out, delta in zip(outputs, expected):
         # Darknet adds delta (= -dL/dz per image) to the gradient; we average over the batch of 2.
         assert torch.allclose(out.grad, -delta / 2, atol=1e-5)
+
+
+def _xyxy(truths: list[list[tuple[float, float, float, float, int]]]) -> tuple[Tensor, Tensor]:
+    m = max(len(t) for t in truths)
+    boxes = torch.zeros(len(truths), m, 4)
+    labels = torch.full((len(truths), m), -1)
+    for b, image in enumerate(truths):
+        for k, (cx, cy, w, h, cls) in enumerate(image):
+            boxes[b, k] = torch.tensor([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2])
+            labels[b, k] = cls
+    return boxes, labels
+
+
+def test_darknet_preset_tx_from_the_exact_centre() -> None:
+    # A small object whose grid position 1.25 + 0.49/65536 (4x4 grid) is as far as can be from
+    # a multiple of 1/65536 of a cell: snapping it before tx = gx - gi moved tx by 7.5e-6,
+    # times Darknet's 2 - w h = 1.9997 = 1.5e-5 on the gradient of a batch of one.
+    cx = (1.25 + 0.49 / 65536) / 4
+    truths = [[(cx, 0.4, 0.02, 0.015, 1)]]  # best anchor (0.1, 0.15) at 4x4
+    raw = [0.5 * torch.randn(1, 2, h, w, 5 + DN_CLASSES, generator=torch.Generator().manual_seed(3)) for h, w in DN_GRIDS]
+    expected = darknet_deltas(raw, truths)
+    boxes, labels = _xyxy(truths)
+    outputs = [r.clone().requires_grad_(True) for r in raw]
+    YOLOv3Loss(DN_ANCHORS, DN_CLASSES, preset="darknet")(outputs, boxes, labels)["total"].backward()
+    assert expected[1][0, 0, 1, 1, 0] != 0  # the object is where we think
+    for out, delta in zip(outputs, expected):
+        assert torch.allclose(out.grad, -delta, atol=1e-5, rtol=0)
+
+
+def test_darknet_preset_collision_keeps_both_classes() -> None:
+    # Two objects, classes 0 then 2, on the same cell (row 1, column 1 of the 4x4 grid) and the
+    # same best anchor (0.1, 0.15): Darknet's box target is the later object's, its class
+    # target at the slot is multi-hot [1, 0, 1].
+    truths = [[(0.30, 0.30, 0.10, 0.14, 0), (0.32, 0.33, 0.11, 0.16, 2)]]
+    raw = [0.5 * torch.randn(1, 2, h, w, 5 + DN_CLASSES, generator=torch.Generator().manual_seed(4)) for h, w in DN_GRIDS]
+    expected = darknet_deltas(raw, truths)
+    boxes, labels = _xyxy(truths)
+    loss = YOLOv3Loss(DN_ANCHORS, DN_CLASSES, preset="darknet")
+    assert loss.class_collisions == "union"
+    outputs = [r.clone().requires_grad_(True) for r in raw]
+    loss(outputs, boxes, labels)["total"].backward()
+    slot = raw[1][0, 0, 1, 1]
+    # By hand: dBCE/dz = sigmoid(z) - target with target [1, 0, 1].
+    hand = torch.sigmoid(slot[5:]) - torch.tensor([1.0, 0.0, 1.0])
+    assert torch.allclose(outputs[1].grad[0, 0, 1, 1, 5:], hand, atol=1e-6)
+    for out, delta in zip(outputs, expected):
+        assert torch.allclose(out.grad, -delta, atol=1e-5, rtol=0)
+    # The default keeps the later object's class alone (one-hot [0, 0, 1]).
+    outputs = [r.clone().requires_grad_(True) for r in raw]
+    YOLOv3Loss(DN_ANCHORS, DN_CLASSES, xy_loss="bce")(outputs, boxes, labels)["total"].backward()
+    one_hot = torch.sigmoid(slot[5:]) - torch.tensor([0.0, 0.0, 1.0])
+    assert torch.allclose(outputs[1].grad[0, 0, 1, 1, 5:], one_hot, atol=1e-6)
 
 
 # --------------------------------------------------------------------------- precision and training

@@ -14,10 +14,8 @@ never the architecture. The command line (``onestage predict``, ``eval``) is a t
 
 from __future__ import annotations
 
-import json
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,32 +27,9 @@ from tqdm import tqdm
 from onestage.config import Config, ConfigError, apply_overrides, config_from_dict, load_config
 from onestage.data.transforms import EvalTransform, LetterboxEvalTransform
 from onestage.families import Detector
+from onestage.prediction import Prediction, save_predictions  # noqa: F401  (torch-free, shared with the ONNX runtime)
 
 ImageLike = np.ndarray | str | Path
-
-
-@dataclass
-class Prediction:
-    """One image's detections in its original pixels."""
-
-    boxes: np.ndarray  # (K, 4) float32 xyxy, original-image pixels
-    scores: np.ndarray  # (K,) float32, descending
-    labels: np.ndarray  # (K,) int64 in [0, C)
-    names: list[str]  # the class name of each detection
-    width: int
-    height: int
-
-    def __len__(self) -> int:
-        return len(self.scores)
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "width": self.width, "height": self.height,
-            "detections": [
-                {"box_xyxy": [round(float(v), 2) for v in b], "score": round(float(s), 4), "label": int(c), "class": n}
-                for b, s, c, n in zip(self.boxes, self.scores, self.labels, self.names)
-            ],
-        }
 
 
 def checkpoint_config(ckpt: dict[str, Any], source: str) -> Config:
@@ -117,6 +92,11 @@ class LoadedDetector:
     def input_size(self) -> int:
         return self.cfg.model.input_size
 
+    @property
+    def display_threshold(self) -> float:
+        """The default ``predict`` threshold (``eval.display_threshold``), as the ONNX runtime's."""
+        return self.cfg.eval.display_threshold
+
     def __repr__(self) -> str:
         return (f"LoadedDetector({self.cfg.model.arch} on {self.cfg.model.backbone}, input {self.input_size}, "
                 f"{len(self.class_names)} classes, device {self.device})")
@@ -150,7 +130,7 @@ class LoadedDetector:
 
         items = [images] if isinstance(images, (str, Path)) or (isinstance(images, np.ndarray) and images.ndim == 3) \
             else list(images)
-        threshold = self.cfg.eval.display_threshold if threshold is None else threshold
+        threshold = self.display_threshold if threshold is None else threshold
         empty_boxes, empty_labels = np.zeros((0, 4), np.float32), np.zeros((0,), np.int64)
         results: list[Prediction] = []
         bar = tqdm(total=len(items), desc="predict", unit="img", disable=not progress, dynamic_ncols=True)
@@ -183,11 +163,14 @@ def load_detector(
     config: str | Path | Config | None = None,
     overrides: Sequence[str] = (),
     batch_size: int = 16,
+    measure_precision: bool = True,
 ) -> LoadedDetector:
     """A checkpoint written by ``onestage train``, ready to ``predict`` (module docstring).
 
     ``use_ema``: None follows the run's ``ema.use_for_eval``. ``config``/``overrides`` change
-    inference settings only. ``batch_size``: the batch the precision is chosen for (``predict``'s). Raises ``CheckpointError`` / ``ConfigError`` naming the file.
+    inference settings only. ``batch_size``: the batch the precision is chosen for (``predict``'s);
+    ``measure_precision=False`` takes ``precision`` as configured (an already resolved run's,
+    as at the end of training) instead of measuring. Raises ``CheckpointError`` / ``ConfigError`` naming the file.
     """
     from onestage.build import build_detector
     from onestage.engine.checkpoint import load_checkpoint
@@ -210,7 +193,8 @@ def load_detector(
 
         device = dist.device()
     device = torch.device(device)
-    cfg = cfg.model_copy(update={"precision": inference_precision(cfg, detector.model.to(device), device, batch_size)})
+    if measure_precision or cfg.precision.amp == "auto" or cfg.precision.channels_last == "auto":
+        cfg = cfg.model_copy(update={"precision": inference_precision(cfg, detector.model.to(device), device, batch_size)})
     return LoadedDetector(detector, cfg, device)
 
 
@@ -225,8 +209,3 @@ def inference_precision(cfg: Config, model: torch.nn.Module, device: torch.devic
         warnings.warn(decision.warning, stacklevel=3)
     return decision.apply(cfg.precision)
 
-
-def save_predictions(predictions: Sequence[Prediction], sources: Sequence[str], path: Path) -> Path:
-    """``detections.json``: one entry per image with its source, size and detections."""
-    path.write_text(json.dumps([{"image": s, **p.to_json()} for s, p in zip(sources, predictions)], indent=2))
-    return path

@@ -35,18 +35,27 @@ def read_dataset(ds: DatasetConfig, cfg: Config, class_names: list[str] | None =
     elif ds.format == "voc":
         from onestage.data.voc import read_voc
 
-        spec = read_voc(_need(ds.root, "root", ds), split=ds.split, class_names=names, on_error=on_error)
+        spec = read_voc(_need(ds.root, "root", ds), split=ds.split, class_names=names, on_error=on_error,
+                        annotations_dir=ds.annotations, images_dir=ds.images)
     elif ds.format == "coco":
         from onestage.data.coco import read_coco
 
         images = ds.images or _need(ds.root, "root", ds)
         spec = read_coco(_need(ds.annotations, "annotations", ds), images, class_names=names, on_error=on_error)
+    elif ds.format == "mot":
+        from onestage.data.mot import read_mot
+
+        spec = read_mot(_need(ds.root, "root", ds), class_names=names, on_error=on_error)
     else:
         from onestage.data.yolo_txt import read_yolo
 
         spec = read_yolo(_need(ds.root, "root", ds), split=ds.split or "train", class_names=names, on_error=on_error)
     if ds.limit is not None:
         spec.records = spec.records[: ds.limit]
+    if names is None and ds.format != "shapes":
+        from onestage.data.classes import note_classes
+
+        note_classes(spec, str(ds.root or ds.annotations))  # classes found, likely typos
     if not spec.records:
         raise DataError(f"{ds.root or ds.format}: the dataset has no images")
     return spec
@@ -277,7 +286,8 @@ def build_yolov3(cfg: Config, class_names: list[str]) -> Detector:
     criterion = YOLOv3Loss(
         anchors, num_classes, xy_loss=y.xy_loss, box_weight_2wh=y.box_weight_2wh, noobj_weight=y.noobj_weight,
         obj_weight=y.obj_weight, cls_weight=y.cls_weight, box_weight=y.box_weight, reduction=y.reduction,
-        assign_mode=y.assign_mode, ignore_by=y.ignore_by, ignore_thres=y.ignore_thres, preset=y.preset,
+        assign_mode=y.assign_mode, ignore_by=y.ignore_by, ignore_thres=y.ignore_thres,
+        class_collisions=y.class_collisions, preset=y.preset,
     )
     ev = cfg.eval
     post = YOLOv3PostProcessor(
@@ -314,11 +324,13 @@ def build_yolov1(cfg: Config, class_names: list[str]) -> Detector:
     model = YOLOv1(backbone, head)
     force = _force_fp32(cfg)
     criterion = YOLOv1Loss(S=y.grid, B=y.boxes_per_cell, num_classes=num_classes, lambda_coord=y.lambda_coord,
-                           lambda_noobj=y.lambda_noobj, conf_target=y.conf_target, force_fp32=force)
+                           lambda_noobj=y.lambda_noobj, conf_target=y.conf_target, force_fp32=force,
+                           preset=y.preset)
     ev = cfg.eval
     post = YOLOv1PostProcessor(
         S=y.grid, B=y.boxes_per_cell, num_classes=num_classes, score_threshold=_or(ev.score_threshold, 0.001),
         nms_iou=ev.nms_iou, max_detections=_or(ev.max_detections, 100), force_fp32=force,
+        linear=y.preset == "darknet",
     )
     # YOLOv1: B boxes (x, y, w, h, conf) per cell share one set of C class scores, so a cell
     # holds 5B + C values rather than B x (5 + C).

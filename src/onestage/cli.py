@@ -23,6 +23,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("config", nargs="?", help="experiment YAML (not needed with --resume)")
     t.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.epochs=5")
     t.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue the run in RUN_DIR from its last.pt")
+    t.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in out_dir/train.name (its files are deleted) instead of refusing")
     t.add_argument("--plot-lr", action="store_true", help="write the LR schedule plot and exit")
     t.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (smoke tests)")
     t.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -46,12 +48,22 @@ def _parser() -> argparse.ArgumentParser:
                     "transform come from the checkpoint; --config (or key=value overrides) may change inference settings",
     )
     pr.add_argument("checkpoint", type=Path)
-    pr.add_argument("inputs", nargs="+", type=Path, help="images or folders of images")
+    pr.add_argument("inputs", nargs="+", type=Path, help="images, folders of images, or video files (.mp4 ...)")
     pr.add_argument("--out", type=Path, required=True)
     pr.add_argument("--config", type=Path, help="a YAML whose eval/precision settings override the checkpoint's")
     pr.add_argument("--threshold", type=float, help="display score threshold (default: eval.display_threshold)")
     pr.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default 16)")
     pr.add_argument("overrides", nargs="*", default=[], help=argparse.SUPPRESS)
+
+    x = sub.add_parser("export", help="export a checkpoint to ONNX, checked against PyTorch with onnxruntime")
+    x.add_argument("checkpoint", type=Path)
+    x.add_argument("--out", type=Path, required=True, help="the .onnx file to write")
+    x.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17; --nms needs >= 11)")
+    x.add_argument("--dynamic-batch", action="store_true", help="any batch size (default: batch 1)")
+    x.add_argument("--nms", action="store_true", help="end the graph with NMS: padded detections and a count")
+    x.add_argument("--max-detections", type=int, metavar="K", help="per-image cap and padded size (default: eval's)")
+    x.add_argument("--half", action="store_true", help="float16 network (checked at a looser tolerance)")
+    x.add_argument("overrides", nargs="*", default=[], help="inference settings, e.g. eval.score_threshold=0.05")
 
     i = sub.add_parser("inspect", help="print the model's output layout")
     i.add_argument("config")
@@ -86,6 +98,13 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--split", choices=["train", "val"], default="train")
     c.add_argument("--out", type=Path, default=Path("data_check"), help="folder for the sample grid")
     c.add_argument("--augment", type=int, default=0, metavar="N", help="also draw N augmented samples")
+    mv = dsub.add_parser("make-video", help="generate moving-shapes videos with MOTChallenge gt.txt tracks")
+    mv.add_argument("--out", type=Path, required=True, help="folder for the videos (data.*.format: mot root)")
+    mv.add_argument("--videos", type=int, default=4, help="number of videos (default 4)")
+    mv.add_argument("--frames", type=int, default=60, help="frames per video (default 60)")
+    mv.add_argument("--seed", type=int, default=0, help="video v is drawn from seed (SEED, v)")
+    mv.add_argument("--size", type=int, nargs=2, default=(320, 240), metavar=("W", "H"), help="frame size (320 240)")
+    mv.add_argument("--fps", type=float, default=15.0, help="frame rate (default 15)")
     return p
 
 
@@ -111,14 +130,10 @@ def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
 
 
 # Options that take no value (the word after them is never theirs).
-_FLAGS = {"--json", "--no-progress", "--plot-lr", "--help"}
+_FLAGS = {"--json", "--no-progress", "--plot-lr", "--help", "--dynamic-batch", "--nms", "--half"}
 
 
 def main(argv: list[str] | None = None) -> int:
-    from onestage.data.problems import DataError
-    from onestage.engine.checkpoint import CheckpointError
-    from onestage.models.backbones.base import BackboneWeightsError
-
     parser = _parser()
     # key=value overrides may stand anywhere (`inspect CFG --json a.b=1`): taken out before parsing.
     words, overrides = split_overrides(sys.argv[1:] if argv is None else argv)
@@ -134,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_eval(args)
         if args.command == "predict":
             return cmd_predict(args)
+        if args.command == "export":
+            return cmd_export(args)
         if args.command == "inspect":
             return cmd_inspect(args)
         if args.command == "anchors":
@@ -146,13 +163,30 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_doctor(args)
         if args.command == "data" and args.data_command == "check":
             return cmd_data_check(args)
+        if args.command == "data" and args.data_command == "make-video":
+            return cmd_data_make_video(args)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except (DataError, CheckpointError, BackboneWeightsError) as exc:  # each names its file and the problem
+    except _file_errors() as exc:  # each names its file and the problem
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 1
+
+
+def _file_errors() -> tuple[type[Exception], ...]:
+    """Errors printed without a traceback. Evaluated only when an exception is raised, and the
+    training stack's errors only when torch is loaded: `predict model.onnx` never imports it."""
+    from onestage.data.problems import DataError
+    from onestage.export import ExportError
+
+    errors: tuple[type[Exception], ...] = (DataError, ExportError)
+    if "torch" in sys.modules:
+        from onestage.engine.checkpoint import CheckpointError
+        from onestage.models.backbones.base import BackboneWeightsError
+
+        errors += (CheckpointError, BackboneWeightsError)
+    return errors
 
 
 # ----------------------------------------------------------------------------- train
@@ -167,14 +201,16 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise ConfigError("train: give a CONFIG file or --resume RUN_DIR")
         cfg = load_config(args.config, args.overrides)
     if args.plot_lr:
-        return _plot_lr(cfg, args.resume or make_run_dir(cfg, args.config))
+        # The preview only adds lr.png: an existing named run folder is used as it is, never replaced.
+        named = Path(cfg.train.out_dir) / cfg.train.name if cfg.train.name else None
+        return _plot_lr(cfg, args.resume or (named if named and named.is_dir() else make_run_dir(cfg, args.config)))
     try:
         # Under torchrun: join the other processes (nothing happens in a single process).
         dist.init_distributed(cfg.dist)
         main = dist.is_main()
         with dist.collective_failures_as(dist.DistributedError):
             # Rank 0 names (and creates) the run folder; a name with the time in it could differ per rank.
-            run_dir = args.resume or dist.broadcast_object(make_run_dir(cfg, args.config) if main else None)
+            run_dir = args.resume or dist.broadcast_object(make_run_dir(cfg, args.config, args.overwrite) if main else None)
         if main:
             print(f"[run] {run_dir}", file=sys.stderr)
         summary = train(cfg, run_dir, resume=args.resume is not None, progress=not args.no_progress, max_steps=args.max_steps)
@@ -216,20 +252,25 @@ def _plot_lr(cfg: Config, run_dir: Path) -> int:
 def _finish_run(cfg: Config, run_dir: Path, summary: dict) -> None:
     """After training: plots, final evaluation of the best checkpoint with its table, drawings."""
     from onestage.engine.plots import plot_training_curves
+    from onestage.engine.trainer import load_run_config
 
     plot_training_curves(run_dir / "metrics.csv", run_dir / "plots")
     best = run_dir / "best.pt" if (run_dir / "best.pt").exists() else run_dir / "last.pt"
-    detector, cfg, val_ds, _, device = _load_for_eval(cfg, best)
+    # The run's resolved config: the precision training measured, not measured again (time budget).
+    detector, cfg, val_ds, _, device = _load_for_eval(load_run_config(run_dir), best, measure_precision=False)
     result, dets = _evaluate_and_report(cfg, detector, val_ds, device, run_dir / "eval", progress=True)
     (run_dir / "eval" / "metrics.json").write_text(json.dumps({"checkpoint": str(best), **result.metrics, **summary}, indent=2))
     _draw_dataset_predictions(cfg, detector, val_ds, dets, run_dir / "predictions")
     print(f"[done] {summary['steps']} steps in {summary['seconds'] / 60:.1f} min; "
           f"{cfg.train.best_metric} = {result.metrics.get(cfg.train.best_metric, float('nan')):.4f}; "
           f"run folder: {run_dir}", file=sys.stderr)
+    from onestage.report import write_run_report  # one self-contained page over the whole run
+
+    print(f"[report] {write_run_report(run_dir)}", file=sys.stderr)
 
 
 # ----------------------------------------------------------------------------- eval
-def _load_for_eval(cfg: Config, checkpoint: Path):
+def _load_for_eval(cfg: Config, checkpoint: Path, measure_precision: bool = True):
     """(detector, the inference config, val dataset, its spec, device) for evaluating ``checkpoint``.
 
     The architecture and the input transform are the checkpoint's (``onestage.api``); CONFIG
@@ -238,7 +279,7 @@ def _load_for_eval(cfg: Config, checkpoint: Path):
     from onestage.api import load_detector
     from onestage.build import build_eval_dataset, read_dataset
 
-    loaded = load_detector(checkpoint, config=cfg, batch_size=cfg.train.batch_size)
+    loaded = load_detector(checkpoint, config=cfg, batch_size=cfg.train.batch_size, measure_precision=measure_precision)
     val_spec = read_dataset(loaded.cfg.data.val, loaded.cfg, class_names=loaded.class_names)
     val_ds = build_eval_dataset(loaded.cfg, val_spec, loaded.class_names)
     return loaded.detector, loaded.cfg, val_ds, val_spec, loaded.device
@@ -249,6 +290,7 @@ def _evaluate_and_report(cfg, detector, val_ds, device, out_dir: Path | None, pr
     from onestage.eval.evaluator import format_table
 
     from onestage.eval.plots import ERROR_KINDS, confusion_summary, draw_worst_images, plot_pr_curves
+    from onestage.eval.tide import add_tide
 
     result, dets = evaluate(detector, val_ds, cfg, device, progress=progress, keep_detections=True)
     confusion = confusion_summary(val_ds.records, dets, val_ds.class_names, iou=cfg.eval.iou_threshold,
@@ -259,12 +301,17 @@ def _evaluate_and_report(cfg, detector, val_ds, device, out_dir: Path | None, pr
               f"{confusion['missed']} missed, {confusion['false_positives']} false positives ("
               + ", ".join(f"{k.replace('_', ' ')} {confusion[k]}" for k in ERROR_KINDS)
               + ")")
+    add_tide(result, val_ds.records, dets, val_ds.class_names, out_dir, quiet)  # TIDE table, --json, out_dir/result.json
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         plot_pr_curves(result, out_dir / "pr_curves.png")
         (out_dir / "confusion.json").write_text(json.dumps(confusion, indent=2))
         draw_worst_images(val_ds.records, dets, val_ds.class_names, out_dir / "worst", cfg.eval.num_images_drawn,
                           val_ds.image_loader, score_threshold=cfg.eval.display_threshold)
+        if result.stability is not None:  # video data: a timeline per worst track
+            from onestage.eval.stability_report import draw_worst_tracks
+
+            draw_worst_tracks(result.stability, out_dir / "worst_tracks", cfg.eval.num_images_drawn)
     return result, dets
 
 
@@ -281,6 +328,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise ConfigError("eval: give a CHECKPOINT to evaluate, or --results FILE.json to score")
     detector, cfg, val_ds, val_spec, device = _load_for_eval(cfg, args.checkpoint)
     result, dets = _evaluate_and_report(cfg, detector, val_ds, device, args.out, progress=not args.json, quiet=args.json)
+    if args.out is not None:
+        from onestage.config import dump_config
+        from onestage.report import write_eval_report
+
+        write_eval_report(args.out, config_text=dump_config(cfg), checkpoint=args.checkpoint)
     if args.save_results is not None:
         from onestage.eval.coco import coco_image_id_map
         from onestage.eval.results import save_coco_results
@@ -305,16 +357,19 @@ def _score_results(cfg: Config, results: Path, as_json: bool) -> int:
     """Score a COCO results file from any detector against the config's val split."""
     from onestage.build import read_dataset
     from onestage.eval.coco import records_to_coco_gt
-    from onestage.eval.results import score_results_file
+    from onestage.eval.results import load_coco_results, score_results_file
+    from onestage.eval.tide import format_tide, tide_of_results, tide_to_json
 
     spec = read_dataset(cfg.data.val, cfg)
     gt = records_to_coco_gt(spec.records, spec.class_names, getattr(spec, "category_ids", None))
     metrics = score_results_file(results, gt)
+    tide = tide_of_results(spec.records, gt, load_coco_results(results, gt), spec.class_names)
     if as_json:
-        print(json.dumps(metrics, indent=2))
+        print(json.dumps({**metrics, "tide": tide_to_json(tide)}, indent=2))
     else:
         for key, value in metrics.items():
             print(f"{key:<18}{value:8.4f}")
+        print(format_tide(tide))
     return 0
 
 
@@ -355,19 +410,29 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     from tqdm import tqdm
 
-    from onestage.api import load_detector, save_predictions
     from onestage.data.check import draw_boxes
     from onestage.data.io import load_image
+    from onestage.prediction import save_predictions
 
-    if args.checkpoint.suffix in (".yaml", ".yml"):  # the form before 0.2: predict CONFIG CHECKPOINT INPUTS
+    if args.checkpoint.suffix == ".onnx":  # onnxruntime alone: torch and the training code are never imported
+        from onestage.export.runtime import load_onnx_detector
+
+        det = load_onnx_detector(args.checkpoint, config=args.config, overrides=args.overrides)
+    elif args.checkpoint.suffix in (".yaml", ".yml"):  # the form before 0.2: predict CONFIG CHECKPOINT INPUTS
         print(f"note: `predict CONFIG CHECKPOINT` is now `predict CHECKPOINT ... --config CONFIG`; "
               f"reading {args.checkpoint} as --config", file=sys.stderr)
         args.config, args.checkpoint, args.inputs = args.checkpoint, args.inputs[0], args.inputs[1:]
         if not args.inputs:
             raise ConfigError("predict: give images or folders after the checkpoint")
-    det = load_detector(args.checkpoint, config=args.config, overrides=args.overrides, batch_size=args.batch_size)
-    files = _collect_images(args.inputs)
+    if args.checkpoint.suffix != ".onnx":
+        from onestage.api import load_detector
+
+        det = load_detector(args.checkpoint, config=args.config, overrides=args.overrides, batch_size=args.batch_size)
     args.out.mkdir(parents=True, exist_ok=True)
+    args.inputs = _predict_videos(det, args)
+    if not args.inputs:
+        return 0
+    files = _collect_images(args.inputs)
     predictions = []
     for start in tqdm(range(0, len(files), args.batch_size), desc="predict", unit="batch", dynamic_ncols=True):
         chunk = files[start : start + args.batch_size]
@@ -382,24 +447,44 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _predict_videos(det, args: argparse.Namespace) -> list[Path]:
+    """Video files among the inputs: each to an annotated video + per-frame JSON in --out.
+    Returns the other inputs."""
+    from onestage.video import is_video_file, predict_video
+
+    videos = [p for p in args.inputs if p.is_file() and is_video_file(p)]
+    threshold = det.display_threshold if args.threshold is None else args.threshold
+    for path in videos:
+        summary = predict_video(lambda frames: det.predict(frames, threshold=threshold, batch_size=len(frames)),
+                                det.class_names, path, args.out, batch_size=args.batch_size, threshold=threshold)
+        print(f"{path}: {summary['frames']} frames at {summary['frames_per_second']:.1f} frames/s -> "
+              f"{summary['video']}, {summary['json']}")
+    return [p for p in args.inputs if p not in videos]
+
+
+# ----------------------------------------------------------------------------- export
+def cmd_export(args: argparse.Namespace) -> int:
+    from onestage.export.onnx import export_onnx
+
+    report = export_onnx(args.checkpoint, args.out, opset=args.opset, dynamic_batch=args.dynamic_batch, nms=args.nms,
+                         max_detections=args.max_detections, half=args.half, overrides=args.overrides)
+    print(report.summary())
+    return 0
+
+
 # ----------------------------------------------------------------------------- inspect
-def _class_names(cfg: Config, num_classes: int | None = None) -> list[str]:
-    """``--num-classes`` placeholders, else the config's ``data.class_names``, else the dataset's."""
-    from onestage.build import read_dataset
-
-    if num_classes is not None:
-        return [f"class{i}" for i in range(num_classes)]
-    if cfg.data.class_names:
-        return list(cfg.data.class_names)
-    return read_dataset(cfg.data.train, cfg).class_names
-
-
 def _describe(config: str, overrides: list[str], num_classes: int | None, priors: Path | None = None) -> dict:
-    from onestage.build import build_detector
+    from onestage.build import build_detector, read_dataset
     from onestage.inspect import describe
 
     cfg = load_config(config, overrides)
-    detector = build_detector(cfg, _class_names(cfg, num_classes))
+    if num_classes is not None:
+        class_names = [f"class{i}" for i in range(num_classes)]
+    elif cfg.data.class_names:
+        class_names = list(cfg.data.class_names)
+    else:
+        class_names = read_dataset(cfg.data.train, cfg).class_names
+    detector = build_detector(cfg, class_names)
     info = describe(cfg, detector)
     if priors is not None:
         if detector.priors is None:
@@ -441,7 +526,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     if args.config is not None:
         cfg = load_config(args.config, args.overrides)
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        report = config_report(cfg, _class_names(cfg), device, time_limit=args.time_limit, cache=not args.no_cache)
+        report = config_report(cfg, device, time_limit=args.time_limit, cache=not args.no_cache)
         report["config"] = args.config
     elif args.overrides:
         raise ConfigError("doctor: key=value overrides need a CONFIG")
@@ -499,6 +584,16 @@ def cmd_data_check(args: argparse.Namespace) -> int:
         print(f"augmented samples: {path}")
     print(f"sample grid: {args.out / 'samples.png'}")
     return status
+
+
+def cmd_data_make_video(args: argparse.Namespace) -> int:
+    from onestage.data.moving_shapes import write_moving_shapes
+
+    folders = write_moving_shapes(args.out, args.videos, args.frames, args.seed, width=args.size[0],
+                                  height=args.size[1], fps=args.fps, progress=True)
+    print(f"[make-video] {len(folders)} videos of {args.frames} frames in {args.out} "
+          f"(evaluate with data.val: {{format: mot, root: {args.out}}})")
+    return 0
 
 
 if __name__ == "__main__":

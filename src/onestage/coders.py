@@ -67,16 +67,18 @@ def yolov3_encode_centre(cx: Tensor, cy: Tensor, h: int, w: int) -> tuple[Tensor
     ``gx = cx * w``, ``gi = floor(gx)`` clamped to [0, w - 1], ``tx = gx - gi`` (in [0, 1);
     1.0 only for a centre on the right image edge), rows alike.
 
-    ``gx`` is computed in fp64 and snapped to 1/65536 of a cell before the floor, so that a
-    centre on a border in pixels (200 px at stride 8) is on the border whatever the rounding
-    of the normalized coordinate (the fp32 centre of a 140..260 px box at 416, times 52, is
-    24.9999993): such an object belongs to the cell to its right (below).
+    To CHOOSE the cell only, ``gx`` (fp64) is snapped to 1/65536 of a cell before the floor,
+    so that a centre on a border in pixels (200 px at stride 8) is on the border whatever the
+    rounding of the normalized coordinate (the fp32 centre of a 140..260 px box at 416, times
+    52, is 24.9999993): such an object belongs to the cell to its right (below). ``tx`` comes
+    from the UNSNAPPED ``gx`` (Darknet's ``truth.x * lw - i``; the snap would add up to 7.6e-6
+    of error, issue 21), clamped at 0 for a centre the snap moved onto the next cell's border.
     """
-    gx = torch.round(cx.double() * w * GRID_SNAP) / GRID_SNAP
-    gy = torch.round(cy.double() * h * GRID_SNAP) / GRID_SNAP
-    gi = gx.floor().clamp(0, w - 1)
-    gj = gy.floor().clamp(0, h - 1)
-    return gi.long(), gj.long(), (gx - gi).float(), (gy - gj).float()
+    gx = cx.double() * w  # (...) exact grid position
+    gy = cy.double() * h
+    gi = (torch.round(gx * GRID_SNAP) / GRID_SNAP).floor().clamp(0, w - 1)
+    gj = (torch.round(gy * GRID_SNAP) / GRID_SNAP).floor().clamp(0, h - 1)
+    return gi.long(), gj.long(), (gx - gi).clamp(min=0.0).float(), (gy - gj).clamp(min=0.0).float()
 
 
 def yolov3_encode_wh(wh: Tensor, anchor_wh: Tensor) -> Tensor:
@@ -142,7 +144,10 @@ def yolov3_decode_boxes(raw: Tensor, anchors: Tensor) -> Tensor:
 #   predictors (section 2: "one set of class probabilities per grid cell").
 # The paper's last layer is linear on all 5B + C values; these bounded activations keep every
 # value in its range from the first step of training from scratch, and make the score
-# ``conf * Pr(Class_c | Object)`` a product of probabilities.
+# ``conf * Pr(Class_c | Object)`` a product of probabilities. ``linear=True`` (the YOLOv1
+# ``darknet`` preset) takes the raw values as they are, as Darknet's ``detection_layer.c``
+# with ``softmax=0, sqrt=1`` (yolov1.cfg): x, y, sqrt(w), sqrt(h), conf and class scores
+# unbounded (w = raw^2 is still >= 0).
 
 
 @dataclass
@@ -171,17 +176,19 @@ def check_yolov1_outputs(outputs: Tensor, B: int, num_classes: int) -> int:
     return int(outputs.shape[1])
 
 
-def yolov1_activate(outputs: Tensor, B: int, num_classes: int) -> YOLOv1Prediction:
-    """(N, S, S, 5B + C) raw -> ``YOLOv1Prediction`` (sigmoid on x, y, sqrt w, sqrt h, conf; softmax on classes)."""
+def yolov1_activate(outputs: Tensor, B: int, num_classes: int, linear: bool = False) -> YOLOv1Prediction:
+    """(N, S, S, 5B + C) raw -> ``YOLOv1Prediction`` (sigmoid on x, y, sqrt w, sqrt h, conf; softmax
+    on classes), or the raw values themselves with ``linear`` (Darknet; the comment above)."""
     check_yolov1_outputs(outputs, B, num_classes)
     n, s = outputs.shape[0], outputs.shape[1]
     boxes = outputs[..., : 5 * B].reshape(n, s, s, B, 5)  # (N, S, S, B, 5)
-    activated = boxes.sigmoid()
+    activated = boxes if linear else boxes.sigmoid()
+    classes = outputs[..., 5 * B :]
     return YOLOv1Prediction(
         xy=activated[..., 0:2],
         sqrt_wh=activated[..., 2:4],
         conf=activated[..., 4],
-        class_probs=outputs[..., 5 * B :].softmax(dim=-1),
+        class_probs=classes if linear else classes.softmax(dim=-1),
     )
 
 

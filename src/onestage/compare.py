@@ -10,13 +10,12 @@ COCO AP, per class, the error breakdown of ``eval.plots.confusion_summary``) and
 Written to ``--out``: ``compare.md`` and ``compare.json`` (the table: a list of rows, one dict
 each with ``section``, ``row`` and one value per model), ``detections.png`` (the same
 validation images with each model's detections), ``assign_<model>.png`` (positives per object
-histograms), and the HTML report when ``onestage.report`` is installed (``write_html_report``).
+histograms) and ``report.html`` (``onestage.report.write_compare_report``).
 """
 
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import math
 import statistics
@@ -306,12 +305,9 @@ def draw_side_by_side(models: dict[str, Any], out_png: Path, num_images: int) ->
     return out_png
 
 
-def write_html_report(out_dir: Path, table: list[dict[str, str]], figures: list[Path]) -> Path | None:
-    """The HTML report hook: ``onestage.report.write_compare_report`` when that module exists
-    (the HTML report issue), else nothing (the Markdown and JSON tables stand alone)."""
-    if importlib.util.find_spec("onestage.report") is None:
-        return None
-    from onestage.report import write_compare_report  # type: ignore[import-not-found]
+def write_html_report(out_dir: Path, table: list[dict[str, str]], figures: list[Path]) -> Path:
+    """``report.html``: the table and figures rendered by the HTML report module."""
+    from onestage.report import write_compare_report
 
     return write_compare_report(out_dir, table, figures)
 
@@ -348,10 +344,7 @@ def compare(
     md.write_text(table_markdown(table, names, notes))
     (out_dir / "compare.json").write_text(json.dumps({"models": names, "notes": notes, "table": table,
                                                       "measurements": columns}, indent=1, default=_json_default))
-    html = write_html_report(out_dir, table, figures)
-    if html is None:
-        print("[compare] onestage.report not installed: no HTML report (compare.md and compare.json hold the table)",
-              file=sys.stderr)
+    print(f"[compare] {write_html_report(out_dir, table, figures)}", file=sys.stderr)
     return md
 
 

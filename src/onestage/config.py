@@ -8,12 +8,13 @@ path (``train.warmup_stpes``) and the keys that are allowed there. Command-line 
 
 from __future__ import annotations
 
+import types
 import warnings
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -22,6 +23,78 @@ class ConfigError(ValueError):
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _strict_scalars(cls, value: Any, info: ValidationInfo) -> Any:
+        """No silent casts between scalar kinds (see ``scalar_type_error``)."""
+        field = cls.model_fields.get(info.field_name or "")
+        problem = None if field is None else scalar_type_error(value, field.annotation)
+        if problem is not None:
+            raise ValueError(problem)
+        return value
+
+
+def _kinds(annotation: Any) -> set[type] | None:
+    """The scalar kinds an annotation admits (bool, int, float, str); None: not a scalar type."""
+    origin = get_origin(annotation)
+    if origin is Literal:
+        return {type(a) for a in get_args(annotation)}
+    if origin in (Union, types.UnionType):
+        parts = [_kinds(a) for a in get_args(annotation) if a is not type(None)]
+        if any(p is None for p in parts):
+            return None
+        return set().union(*parts)  # type: ignore[arg-type]
+    return {annotation} if annotation in (bool, int, float, str) else None
+
+
+def scalar_type_error(value: Any, annotation: Any) -> str | None:
+    """Why ``value`` does not fit ``annotation`` without a silent cast, or None.
+
+    pydantic's lax mode reads ``true`` as 1 for an int, ``1`` or ``"on"`` as True for a bool
+    and ``"16"`` as 16: ``train.batch_size=true`` would train with batch size 1. Here a
+    boolean is accepted only where a boolean is expected, a bool field takes only a boolean,
+    an int field no string; a float field takes an int (YAML reads ``lr: 1`` as an int) and a
+    numeric string (PyYAML reads ``1e-3`` without a dot as a string). Lists and tuples are
+    checked element by element.
+    """
+    origin = get_origin(annotation)
+    if origin is Literal:
+        allowed = get_args(annotation)
+        if any(value == a and type(value) is type(a) for a in allowed):
+            return None
+        return f"{value!r} is not one of {', '.join(repr(a) for a in allowed)}"
+    if origin in (list, tuple) and isinstance(value, (list, tuple)):
+        args = [a for a in get_args(annotation) if a is not Ellipsis]
+        if not args:
+            return None
+        for k, item in enumerate(value):
+            element = args[0] if origin is list or len(args) == 1 else args[min(k, len(args) - 1)]
+            problem = scalar_type_error(item, element)
+            if problem is not None:
+                return f"item {k}: {problem}"
+        return None
+    if origin in (Union, types.UnionType):
+        options = [a for a in get_args(annotation) if a is not type(None)]
+        if value is None and len(options) < len(get_args(annotation)):
+            return None
+        if any(scalar_type_error(value, a) is None for a in options):
+            return None
+        problems = [str(scalar_type_error(value, a)) for a in options]
+        return problems[0] if len(problems) == 1 else f"{value!r} fits none of: " + "; ".join(problems)
+    kinds = _kinds(annotation)
+    if kinds is None or value is None:
+        return None
+    expected = " or ".join(sorted(k.__name__ for k in kinds))
+    if isinstance(value, bool):
+        return None if bool in kinds else f"{str(value).lower()} is a boolean; expected {expected}"
+    if kinds == {bool}:
+        return f"{value!r} is not a boolean (true or false)"
+    if isinstance(value, str) and str not in kinds:
+        if float in kinds:
+            return None  # "1e-3": pydantic parses it, or reports a non-number
+        return f"{value!r} is a string; expected {expected}"
+    return None
 
 
 # --------------------------------------------------------------------------- model
@@ -55,7 +128,8 @@ class YOLOv3Config(Strict):
     """YOLOv3 assignment and loss (DESIGN.md section 3, seed 000); see losses/yolov3.py."""
 
     # null: the seed-000 loss as configured below; darknet: reproduce Darknet's yolo layer
-    # (BCE-gradient x, y; 0.5 MSE w, h; the (2 - w h) weight; global anchors; ignore 0.7).
+    # (BCE-gradient x, y; 0.5 MSE w, h; the (2 - w h) weight; global anchors; ignore 0.7;
+    # multi-hot class target on collisions).
     preset: Literal["darknet"] | None = None
     assign_mode: Literal["global", "per_scale"] = "global"  # best of all anchors, or per scale
     ignore_by: Literal["prediction", "anchor"] = "prediction"
@@ -67,6 +141,9 @@ class YOLOv3Config(Strict):
     noobj_weight: float = Field(1.0, ge=0)
     cls_weight: float = Field(1.0, ge=0)
     reduction: Literal["sum", "mean"] = "sum"  # sum over the batch / batch size, or mean
+    # two objects on one (cell, anchor): last = the later object's class alone (one-hot);
+    # union = every class that landed there is a positive (multi-hot, Darknet; preset darknet sets it)
+    class_collisions: Literal["last", "union"] = "last"
     neck_width: float = Field(1.0, gt=0, le=2)  # channel multiplier of the neck and head
 
 
@@ -83,6 +160,9 @@ class YOLOv1Config(Strict):
     lambda_coord: float = Field(5.0, ge=0)
     lambda_noobj: float = Field(0.5, ge=0)
     conf_target: Literal["iou", "one"] = "iou"
+    # null: sigmoid/softmax outputs (finite gradients from any raw value); darknet: Darknet's
+    # detection layer exactly (linear outputs, responsible predictor by IoU then RMSE; losses/yolov1.py)
+    preset: Literal["darknet"] | None = None
 
 
 class MatcherConfig(Strict):
@@ -161,15 +241,44 @@ class ModelConfig(Strict):
 
 # --------------------------------------------------------------------------- data
 class DatasetConfig(Strict):
-    format: Literal["shapes", "voc", "coco", "yolo"] = "shapes"
+    # mot: videos with MOTChallenge gt.txt (onestage.data.mot; `onestage data make-video`)
+    format: Literal["shapes", "voc", "coco", "yolo", "mot"] = "shapes"
     root: Path | None = None  # dataset folder; relative paths are relative to the config file
-    split: str | None = None  # VOC ImageSets name, YOLO split folder, CSV split file...
-    annotations: Path | None = None  # COCO JSON or a CSV list of image files
-    images: Path | None = None  # image folder when it is not implied by the format
+    # VOC ImageSets name, YOLO split folder, a .txt/.csv split file (relative to root)
+    split: str | None = None
+    # COCO JSON; VOC: the folder of XML files. Relative to root when root is given.
+    annotations: Path | None = None
+    # the image folder when it is not implied by the format (VOC: XML may sit beside the images)
+    images: Path | None = None
     # Synthetic shapes: how many images and which seed generates them.
     num_images: int = Field(256, ge=1)
     seed: int = 0
     limit: int | None = Field(None, ge=1)  # keep only the first N images (smoke tests)
+
+    @model_validator(mode="after")
+    def _keys_of_the_format(self) -> "DatasetConfig":
+        """A key the format does not read is an error, not silently ignored (issue 21). A key
+        left at its default is no error: a dumped config (run folders, checkpoints) writes them all."""
+        given = {k for k in self.model_fields_set if getattr(self, k) != type(self).model_fields[k].default}
+        unused = sorted((given - {"format", "limit"}) - DATASET_KEYS[self.format])
+        if unused:
+            raise ValueError(
+                f"{', '.join(unused)}: not used by format {self.format!r} (it reads "
+                f"{', '.join(sorted(DATASET_KEYS[self.format]))}); remove {'them' if len(unused) > 1 else 'it'}"
+            )
+        return self
+
+
+# The keys each dataset format reads (besides format and limit). VOC: root, the split, and
+# the XML and image folders (relative to root); COCO: the JSON and the image folder
+# (root: the image folder when images is not given); YOLO: root (or its data.yaml) and split.
+DATASET_KEYS: dict[str, set[str]] = {
+    "shapes": {"num_images", "seed"},
+    "voc": {"root", "split", "annotations", "images"},
+    "coco": {"root", "annotations", "images"},
+    "yolo": {"root", "split"},
+    "mot": {"root"},  # a folder of sequences or one sequence (onestage.data.mot)
+}
 
 
 class AugmentConfig(Strict):
@@ -227,7 +336,7 @@ class PrecisionConfig(Strict):
     # calibration of the model finds it faster. true / false: as set (a warning when measured
     # more than 1.5x slower than the alternative).
     amp: Union[Literal["auto"], bool] = "auto"
-    dtype: Literal["auto", "float16", "bfloat16"] = "auto"  # auto: fp16 on GPU, bf16 on CPU
+    dtype: Literal["auto", "float16", "bfloat16"] = "auto"  # auto: bf16 on CPU and on GPUs with bf16, else fp16
     loss_scale: Union[Literal["dynamic"], float] = "dynamic"  # fp16 only; bf16 needs none
     force_fp32: list[Literal["iou", "loss_reduction", "nms", "decode", "softmax"]] = [
         "iou",
@@ -295,6 +404,10 @@ class EvalConfig(Strict):
     max_detections: int | None = Field(None, ge=1)
     iou_threshold: float = Field(0.5, gt=0, le=1)  # VOC AP
     voc_metric: Literal["area", "11point"] = "area"
+    # box widths and the IoU = threshold case (eval/voc.py): continuous = no +1 pixel, IoU >=
+    # (COCO-style); devkit = the official VOCevaldet.m, +1 pixel, IoU >=; voc_eval_py =
+    # py-faster-rcnn's voc_eval.py and its copies, +1 pixel, IoU > (strict)
+    voc_convention: Literal["continuous", "devkit", "voc_eval_py"] = "continuous"
     metrics: list[Literal["voc", "coco"]] = ["voc"]  # coco adds AP@[.5:.95], AP75, AR...
     num_images_drawn: int = Field(8, ge=0)
 
@@ -358,14 +471,23 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 
 
 def _resolve_paths(cfg: Config, base: Path) -> None:
-    """Make relative dataset paths relative to the config file, as a user expects."""
+    """Relative dataset paths: ``root`` relative to the config file (a command-line override
+    relative to the current folder is taken from there only when the config-relative path
+    does not exist); ``annotations`` and ``images`` relative to ``root`` when it is given
+    (the dataset's own folders, never the current folder's), else like ``root``."""
     for ds in (cfg.data.train, cfg.data.val):
-        for name in ("root", "annotations", "images"):
+        if ds.root is not None and not ds.root.is_absolute():
+            ds.root = _near_config(ds.root, base)
+        for name in ("annotations", "images"):
             value = getattr(ds, name)
-            if value is not None and not value.is_absolute():
-                candidate = (base / value).resolve()
-                # A path that exists from the working directory wins (commands run from the repo).
-                setattr(ds, name, value.resolve() if value.exists() else candidate)
+            if value is None or value.is_absolute():
+                continue
+            setattr(ds, name, (ds.root / value).resolve() if ds.root is not None else _near_config(value, base))
+
+
+def _near_config(value: Path, base: Path) -> Path:
+    candidate = (base / value).resolve()
+    return candidate if candidate.exists() or not value.exists() else value.resolve()
 
 
 # Sections that moved (old top-level key -> its new path); old files and checkpoints still load.

@@ -12,21 +12,25 @@ width/height IoU with it is highest (both centred at the origin, ``boxes.wh_iou`
 Ties go to the first anchor (``argmax`` returns the first maximum; Darknet keeps the first
 with ``iou > best_iou``).
 
-Cell. ``gx = c_x * W``, column ``floor(gx)`` clamped to [0, W - 1] (rows alike): an object
-whose centre lies exactly on a cell border belongs to the cell to its right (below); a
-centre at the right (bottom) image edge stays in the last cell. ``gx`` is computed in
-fp64 and snapped to 1/65536 of a cell before the floor, so that a centre on a border in
-pixels (200 px at stride 8) is on the border whatever the rounding of the normalized
+Cell. ``gx = c_x * W``, column ``gi = floor(gx)`` clamped to [0, W - 1] (rows alike): an
+object whose centre lies exactly on a cell border belongs to the cell to its right (below);
+a centre at the right (bottom) image edge stays in the last cell. To CHOOSE the cell only,
+``gx`` (fp64) is snapped to 1/65536 of a cell before the floor, so that a centre on a border
+in pixels (200 px at stride 8) is on the border whatever the rounding of the normalized
 coordinate (the fp32 centre of a 140..260 px box at 416, times 52, is 24.9999993).
 
-Targets (``onestage.coders``, the exact inverse of ``yolov3_decode_boxes``):
-``tx = gx - floor(gx)``, ``ty`` alike (in [0, 1); 1.0 only for a centre on the right/bottom
-image edge), ``tw = log(w / anchor_w)``, ``th = log(h / anchor_h)``.
+Targets (``onestage.coders``, the exact inverse of ``yolov3_decode_boxes``): ``tx = gx - gi`` from the
+UNSNAPPED ``gx`` (Darknet's ``truth.x * lw - i``; the snap would add up to 7.6e-6 of error),
+clamped at 0 for a centre that the snap moved onto the next cell's border; ``ty`` alike (in
+[0, 1); 1.0 only for a centre on the right/bottom image edge), ``tw = log(w / anchor_w)``,
+``th = log(h / anchor_h)``.
 
 Two objects in the same (cell, anchor): the LATER one in the label list wins (box, class,
-index), as Darknet's ``delta_yolo_box`` overwrites the deltas of the earlier object. (Darknet
-additionally keeps the earlier object's class as a second positive class; we keep one target
-per slot.)
+index), as Darknet's ``delta_yolo_box`` overwrites the deltas of the earlier object.
+Darknet's ``delta_yolo_class`` however leaves the earlier object's class delta in place, so
+its class target at that slot is multi-hot (both classes 1). ``tcls`` holds the winner's
+class; ``cls_slots`` lists every positive (slot, class) pair, collisions included, from which
+the loss builds Darknet's multi-hot target (``class_collisions="union"``).
 
 Ignore (negatives that get no objectness loss; positives always keep theirs):
 - ``ignore_by="prediction"`` (Darknet): a (cell, anchor) whose decoded prediction overlaps
@@ -72,6 +76,9 @@ class YoloTargets:
     tcls: Tensor  # int64 class in [0, C), -1 where no object
     tbox: Tensor  # (B, A, H, W, 4) float32 xyxy normalized, the matched object's box
     gt_index: Tensor  # int64 index into the M axis of gt_boxes, -1 where no object
+    # (K, 2) int64: (flat slot in B*A*H*W, class) of EVERY positive object of this scale,
+    # the earlier objects of a collision included (Darknet's multi-hot class target)
+    cls_slots: Tensor
 
     @property
     def ignore_mask(self) -> Tensor:
@@ -241,4 +248,5 @@ def _scatter(
         tcls=tcls,
         tbox=gathered[..., 4:8],
         gt_index=gt_index,
+        cls_slots=torch.stack((slot[positive], labels.long()[positive]), dim=-1).reshape(-1, 2),
     )

@@ -18,7 +18,7 @@ import cv2
 import numpy as np
 
 from onestage.data.record import ImageRecord
-from onestage.data.io import load_image
+from onestage.data.io import read_record_file
 from onestage.data.problems import DataError, DatasetSpec, ProblemLog
 
 # COCO's area ranges (cocodataset.org/#detection-eval): small < 32^2 <= medium < 96^2 <= large.
@@ -95,7 +95,7 @@ def _read(rec: ImageRecord, log: ProblemLog) -> np.ndarray | None:
     else:
         where = rec.path
         try:
-            image = load_image(rec.path)
+            image = read_record_file(rec)  # an image, or a frame of a video
         except DataError as exc:
             kind = "missing_image" if not Path(rec.path).exists() else "corrupt_image"
             log.error(rec.path, kind, str(exc).removeprefix(f"{rec.path}: "))
@@ -107,8 +107,45 @@ def _read(rec: ImageRecord, log: ProblemLog) -> np.ndarray | None:
     return image
 
 
-def _tile(image: np.ndarray, rec: ImageRecord, class_names: list[str]) -> np.ndarray:
-    """One grid cell: the image fitted into TILE x TILE (aspect kept), boxes and a caption."""
+# Notes worth seeing on a drawn sample: the frame chosen for an EXIF-rotated image's boxes,
+# a converted or misnamed image. Short tags for the tile captions.
+_TAGGED_KINDS = {"exif_orientation", "format_mismatch", "image_converted", "size_mismatch", "size_zero"}
+
+
+def _tags(spec: DatasetSpec) -> dict[str, str]:
+    """Image file -> a short caption of its notes (``_TAGGED_KINDS``)."""
+    tags: dict[str, list[str]] = {}
+    for p in spec.problems:
+        if p.kind not in _TAGGED_KINDS:
+            continue
+        if p.kind == "exif_orientation" and p.action == "rotated":
+            tag = "EXIF: boxes rotated from stored frame"
+        elif p.kind == "exif_orientation":
+            tag = "EXIF tag invalid, ignored" if "not a valid value" in p.message else "EXIF: boxes as shown"
+        else:
+            tag = p.kind.replace("_", " ")
+        tags.setdefault(p.file, []).append(tag)
+    return {f: "; ".join(dict.fromkeys(t)) for f, t in tags.items()}
+
+
+def _sample(spec: DatasetSpec, num_samples: int, tags: dict[str, str]) -> list[int]:
+    """Record indices to draw: the tagged images first (up to half the grid; boxes rotated
+    from the stored frame before any other, so a person sees the frame chosen), then evenly
+    spaced ones."""
+    n = len(spec.records)
+    if not n or num_samples <= 0:
+        return []
+    tagged = [i for i, r in enumerate(spec.records) if str(r.path) in tags]
+    tagged.sort(key=lambda i: "rotated" not in tags[str(spec.records[i].path)])  # stable: file order otherwise
+    tagged = tagged[: max(1, num_samples // 2)]
+    even = np.linspace(0, n - 1, min(num_samples, n)).round().astype(int).tolist()
+    chosen = list(dict.fromkeys(tagged + even))[:num_samples]
+    return sorted(chosen)
+
+
+def _tile(image: np.ndarray, rec: ImageRecord, class_names: list[str], tag: str = "") -> np.ndarray:
+    """One grid cell: the image fitted into TILE x TILE (aspect kept), boxes and a caption
+    (and, in amber over the image's top, the tag of its notes)."""
     h, w = image.shape[:2]
     scale = TILE / max(h, w)
     nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
@@ -119,6 +156,9 @@ def _tile(image: np.ndarray, rec: ImageRecord, class_names: list[str]) -> np.nda
     cell[top:top + nh, left:left + nw] = small
     caption = f"{rec.path.name if rec.path is not None else rec.image_id}  {w}x{h}  {len(rec.boxes)} boxes"
     cv2.putText(cell, caption, (4, TILE + 13), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (230, 230, 230), 1, cv2.LINE_AA)
+    if tag:
+        cv2.rectangle(cell, (0, 0), (TILE - 1, 16), (255, 191, 0), -1)
+        cv2.putText(cell, tag[:60], (4, 12), cv2.FONT_HERSHEY_SIMPLEX, 0.38, (0, 0, 0), 1, cv2.LINE_AA)
     return cell
 
 
@@ -213,8 +253,8 @@ def check_dataset(
     log = ProblemLog("skip")
     _check_records(spec, log)
     n = len(spec.records)
-    sample = (sorted(set(np.linspace(0, n - 1, min(num_samples, n)).round().astype(int).tolist()))
-              if n and num_samples > 0 and out_png is not None else [])
+    tags = _tags(spec)
+    sample = _sample(spec, num_samples, tags) if out_png is not None else []
     sampled: dict[int, np.ndarray] = {}
     to_read = range(n) if read_images else sample
     wanted = set(sample)
@@ -228,9 +268,10 @@ def check_dataset(
     problems.extend(list(spec.problems) + list(log))
     if not read_images:
         lines.append("images not decoded (read_images=False): only the sampled ones were read")
-    lines.append(problems.summary())
+    lines.append(problems.summary(per_kind=None))
     if out_png is not None:
-        tiles = [_tile(sampled[i], spec.records[i], spec.class_names) for i in sample if i in sampled]
+        tiles = [_tile(sampled[i], spec.records[i], spec.class_names, tags.get(str(spec.records[i].path), ""))
+                 for i in sample if i in sampled]
         if tiles:
             out_png = Path(out_png)
             out_png.parent.mkdir(parents=True, exist_ok=True)

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from onestage.data.record import ImageRecord
-from onestage.data.io import image_size, safe_join
+from onestage.data.io import image_info, note_image_quirks, safe_join
 from onestage.data.problems import DataError, DatasetSpec, OnError, ProblemLog, fix_boxes
 
 
@@ -197,10 +197,12 @@ def read_coco(
         width, height = json_w, json_h
         if verify_sizes or width <= 0 or height <= 0:
             try:
-                width, height = image_size(path)
+                info = image_info(path)
             except DataError as exc:
                 log.error(path, "corrupt_image", str(exc).removeprefix(f"{path}: "))
                 continue
+            note_image_quirks(info, path, log)
+            width, height = info.width, info.height
             if json_w > 0 and json_h > 0 and (json_w, json_h) != (width, height):
                 log.fix(where, "size_mismatch", f"JSON says {json_w:g}x{json_h:g} but the image is "
                         f"{width}x{height} (EXIF orientation applied); using the image size", "kept")

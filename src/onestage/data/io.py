@@ -14,13 +14,14 @@ file and the problem.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from onestage.data.record import ImageRecord
-from onestage.data.problems import DataError
+from onestage.data.problems import DataError, ProblemLog
 
 # EXIF tag 0x0112 (Orientation): values 5-8 rotate by 90 or 270 degrees, swapping W and H
 # (EXIF 2.32, section 4.6.5; what PIL.ImageOps.exif_transpose applies).
@@ -46,12 +47,33 @@ def _open(path: Path) -> Image.Image:
         raise DataError(f"{path}: corrupt image header: {exc}") from exc
 
 
-def _orientation(img: Image.Image) -> int:
+def _orientation(img: Image.Image) -> int | None:
+    """The raw EXIF orientation value (None: no tag or an unreadable EXIF block, which
+    PIL's exif_transpose also treats as "no rotation"). Values outside 1..8 are returned as
+    they are; exif_transpose ignores them, and so does ``image_info``."""
     try:
-        value = img.getexif().get(_EXIF_ORIENTATION, 1)
+        value = img.getexif().get(_EXIF_ORIENTATION)
     except _DECODE_ERRORS:
-        return 1  # unreadable EXIF block: PIL's exif_transpose also treats it as "no rotation"
-    return int(value) if isinstance(value, int) else 1
+        return None
+    return int(value) if isinstance(value, int) else None
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """What an image's header says (no pixel decode)."""
+
+    width: int  # as a viewer shows it: EXIF orientation applied
+    height: int
+    stored_width: int  # as stored in the file, before the EXIF orientation
+    stored_height: int
+    format: str | None  # from the content ("JPEG", "PNG", ...), whatever the extension says
+    mode: str  # PIL mode: "RGB", "RGBA", "P", "L", "I;16", "CMYK"...
+    orientation: int | None  # raw EXIF orientation tag, None when absent
+
+    @property
+    def rotated(self) -> bool:
+        """The EXIF orientation swaps width and height (values 5-8)."""
+        return self.orientation in _SWAPS_WH
 
 
 def _to_rgb(img: Image.Image, path: Path) -> np.ndarray:
@@ -105,17 +127,89 @@ def load_image(path: Path) -> np.ndarray:
         raise DataError(f"{path}: corrupt image ({img.format or 'unknown'} data): {exc}") from exc
 
 
-def image_size(path: Path) -> tuple[int, int]:
-    """(width, height) after EXIF orientation, from the header only (no pixel decode)."""
+def image_info(path: Path) -> ImageInfo:
+    """The header of an image file (``ImageInfo``); raises ``DataError`` naming the file."""
     path = Path(path)
     img = _open(path)
     with img:
-        width, height = img.size
-        if _orientation(img) in _SWAPS_WH:
-            width, height = height, width
-    if width <= 0 or height <= 0:
-        raise DataError(f"{path}: image header gives an empty size {width}x{height}")
-    return int(width), int(height)
+        stored_w, stored_h = img.size
+        orientation = _orientation(img)
+        fmt, mode = img.format, img.mode
+    if stored_w <= 0 or stored_h <= 0:
+        raise DataError(f"{path}: image header gives an empty size {stored_w}x{stored_h}")
+    width, height = (stored_h, stored_w) if orientation in _SWAPS_WH else (stored_w, stored_h)
+    return ImageInfo(int(width), int(height), int(stored_w), int(stored_h), fmt, mode, orientation)
+
+
+def image_size(path: Path) -> tuple[int, int]:
+    """(width, height) after EXIF orientation, from the header only (no pixel decode)."""
+    info = image_info(path)
+    return info.width, info.height
+
+
+# Formats each extension promises (PIL format names).
+_EXTENSION_FORMATS = {
+    ".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".bmp": "BMP", ".tif": "TIFF", ".tiff": "TIFF",
+    ".webp": "WEBP", ".gif": "GIF",
+}
+_MODE_NAMES = {
+    "RGBA": "RGBA (alpha dropped)", "P": "palette (P)", "PA": "palette with alpha (PA, alpha dropped)",
+    "L": "8-bit grayscale (L)", "LA": "grayscale with alpha (LA, alpha dropped)", "1": "1-bit (1)",
+    "I;16": "16-bit grayscale (I;16, scaled to 8 bits)", "I;16B": "16-bit grayscale (I;16B, scaled to 8 bits)",
+    "I": "32-bit integer (I)", "F": "32-bit float (F)", "CMYK": "CMYK",
+}
+# Above this many pixels, decoding the file each epoch costs more than most models' step
+# on its image (a 16 MP JPEG takes about 0.1-0.2 s to decode on one core).
+LARGE_IMAGE_PIXELS = 16_000_000
+
+
+def note_image_quirks(info: ImageInfo, path: Path, log: ProblemLog) -> None:
+    """Record, as notes that never fail, the quirks of an image that reading handles
+    (``problems.py``): a lying extension, a mode converted to RGB, an invalid EXIF
+    orientation, a very large image. EXIF rotations are noted by the readers, which know
+    the frame their boxes were taken in."""
+    expected = _EXTENSION_FORMATS.get(Path(path).suffix.lower())
+    if expected is not None and info.format is not None and info.format != expected:
+        log.fix(path, "format_mismatch", f"the extension {Path(path).suffix} promises {expected} but the file "
+                f"holds {info.format} data; read as {info.format}", "kept")
+    if info.mode != "RGB":
+        log.fix(path, "image_converted", f"{_MODE_NAMES.get(info.mode, info.mode)} image; converted to 8-bit RGB",
+                "converted")
+    if info.orientation is not None and not 1 <= info.orientation <= 8:
+        log.fix(path, "exif_orientation", f"EXIF orientation {info.orientation} is not a valid value (1-8); "
+                "ignored: the image is used as stored", "kept")
+    pixels = info.width * info.height
+    if pixels > LARGE_IMAGE_PIXELS:
+        log.fix(path, "large_image", f"{info.width}x{info.height} ({pixels / 1e6:.0f} MP): decoded again every "
+                "epoch; data.cache_images: true decodes it once (or shrink the files)", "kept")
+
+
+def exif_boxes_to_upright(boxes: np.ndarray, orientation: int, stored_w: float, stored_h: float) -> np.ndarray:
+    """Boxes annotated on the stored pixels -> the same boxes in the upright (viewer) frame.
+
+    boxes: (N, 4) xyxy pixels of the stored W x H image; returns (N, 4) xyxy pixels after
+    the transform PIL's ``exif_transpose`` applies for ``orientation`` (EXIF 2.32 table 4.6.5:
+    2 mirror, 3 rotate 180, 4 flip, 5 transpose, 6 rotate 90 clockwise, 7 transverse,
+    8 rotate 90 counter-clockwise); 1 or an invalid value leaves them as they are.
+    """
+    b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    x1, y1, x2, y2 = b.T
+    w, h = stored_w, stored_h
+    # Each corner (x, y) maps to (u, v); the box is the min/max of the mapped corners.
+    mapping = {
+        2: lambda x, y: (w - x, y),
+        3: lambda x, y: (w - x, h - y),
+        4: lambda x, y: (x, h - y),
+        5: lambda x, y: (y, x),
+        6: lambda x, y: (h - y, x),
+        7: lambda x, y: (h - y, w - x),
+        8: lambda x, y: (y, w - x),
+    }.get(int(orientation))
+    if mapping is None:
+        return b.copy()
+    u1, v1 = mapping(x1, y1)
+    u2, v2 = mapping(x2, y2)
+    return np.stack((np.minimum(u1, u2), np.minimum(v1, v2), np.maximum(u1, u2), np.maximum(v1, v2)), axis=1)
 
 
 def load_record_image(rec: ImageRecord) -> np.ndarray:
@@ -128,13 +222,26 @@ def load_record_image(rec: ImageRecord) -> np.ndarray:
         return rec.image
     if rec.path is None:
         raise DataError(f"image {rec.image_id!r}: record has neither an in-memory image nor a path")
-    image = load_image(rec.path)
+    image = read_record_file(rec)
     if image.shape[:2] != (rec.height, rec.width):
         raise DataError(
             f"{rec.path}: image is {image.shape[1]}x{image.shape[0]} but its record says "
             f"{rec.width}x{rec.height}; the file changed after the annotations were read"
         )
     return image
+
+
+def read_record_file(rec: ImageRecord) -> np.ndarray:
+    """Decode ``rec.path``: its image, or frame ``rec.frame_index`` of a video file."""
+    from onestage.video import is_video_file
+
+    if rec.path is None:
+        raise DataError(f"image {rec.image_id!r}: record has no path")
+    if rec.frame_index is not None and is_video_file(rec.path):
+        from onestage.data.mot import load_video_frame
+
+        return load_video_frame(rec.path, rec.frame_index)
+    return load_image(rec.path)
 
 
 def safe_join(root: Path, relative: str | os.PathLike[str]) -> Path:

@@ -9,7 +9,10 @@ of entries:
   the first one raises ``DataError``; with ``on_error="skip"`` it is recorded with action
   ``"skipped"`` and the reader leaves that image out, so every other image still arrives.
 - **fixes** (the data is usable after a well-defined repair: a box clipped to the image,
-  a zero-area box dropped, a size taken from the image instead of the XML). They never
+  a zero-area box dropped, a size taken from the image instead of the XML) and **notes**
+  (quirks handled as they should be, which a person may still want to know about: a PNG
+  named .jpg, an RGBA or 16-bit image converted, an EXIF-rotated image and the frame its
+  boxes were taken in, a very large image, a class that looks like a typo). They never
   raise; they are recorded so that ``onestage data check`` can show them.
 
 Contract of ``sanitize_boxes``: boxes (N, 4) float xyxy absolute pixels in, the same
@@ -37,8 +40,16 @@ ProblemKind = Literal[
     "path_escape",
     "orphan_label",
     "size_mismatch",
+    # Quirks handled correctly, reported so that a person knows (issue 21): never errors.
+    "size_zero",  # an annotation records a 0 image size; the image's own size is used
+    "format_mismatch",  # the extension lies about the format (a PNG named .jpg)
+    "image_converted",  # RGBA, palette, 16-bit, grayscale, CMYK... converted to 8-bit RGB
+    "exif_orientation",  # an EXIF-rotated image (which frame its boxes are in), or an invalid tag
+    "large_image",  # decoding it costs much per epoch
+    "classes_found",  # no data.class_names: the classes the data holds, in label order
+    "likely_typo",  # a rare class named almost like a frequent one
 ]
-Action = Literal["raised", "skipped", "clipped", "dropped", "kept"]
+Action = Literal["raised", "skipped", "clipped", "dropped", "kept", "converted", "rotated"]
 OnError = Literal["raise", "skip"]
 
 PROBLEM_KINDS: tuple[str, ...] = get_args(ProblemKind)
@@ -124,8 +135,9 @@ class ProblemLog:
         c = Counter(p.kind for p in self.problems)
         return {k: c[k] for k in PROBLEM_KINDS if c[k]}
 
-    def summary(self) -> str:
-        """Counts per kind, then every problem with its file."""
+    def summary(self, per_kind: int | None = 10) -> str:
+        """Counts per kind, then the problems with their files: at most ``per_kind`` of each
+        kind (a training log must stay readable), every one with None (``onestage data check``)."""
         if not self.problems:
             return "problems: none"
         n_err = len(self.errors)
@@ -133,7 +145,14 @@ class ProblemLog:
                  f"{len(self.problems) - n_err} fixed or noted)"]
         for kind, n in self.counts().items():
             lines.append(f"  {kind}: {n}")
-        lines.extend(f"  - {p}" for p in self.problems)
+        shown: Counter[str] = Counter()
+        for p in self.problems:
+            shown[p.kind] += 1
+            if per_kind is None or shown[p.kind] <= per_kind:
+                lines.append(f"  - {p}")
+        hidden = sum(max(0, n - per_kind) for n in shown.values()) if per_kind is not None else 0
+        if hidden:
+            lines.append(f"  ... and {hidden} more (`onestage data check` lists every one)")
         return "\n".join(lines)
 
     def __len__(self) -> int:

@@ -100,7 +100,54 @@ def draw_shape_alpha(
     return alpha
 
 
-def _background(rng: np.random.Generator, size: int, clutter: bool) -> np.ndarray:
+def shape_reach(kind: str, extent: float, aspect: float) -> float:
+    """Radius of a disc holding the shape at any rotation, plus 2 px for anti-aliasing."""
+    return 0.5 * extent * max(np.sqrt(aspect), 1 / np.sqrt(aspect)) * _REACH[kind] + 2
+
+
+def shape_window(
+    kind: str, cx: float, cy: float, extent: float, aspect: float, angle_deg: float
+) -> tuple[int, int, np.ndarray]:
+    """(x0, y0, alpha): the shape's coverage (h, w) uint8 on the pixel window whose top-left
+    pixel is (x0, y0). The window may reach outside any image (``paint_shape`` clips it)."""
+    reach = shape_reach(kind, extent, aspect)
+    x0, y0 = int(np.floor(cx - reach)), int(np.floor(cy - reach))
+    x1, y1 = int(np.ceil(cx + reach)), int(np.ceil(cy + reach))
+    return x0, y0, draw_shape_alpha(kind, cx - x0, cy - y0, extent, aspect, angle_deg, y1 - y0, x1 - x0)
+
+
+def paint_shape(
+    image: np.ndarray, owner: np.ndarray, index: int, x0: int, y0: int, alpha: np.ndarray, colour: np.ndarray
+) -> int:
+    """Blend ``colour`` (3,) into image (H, W, 3) uint8 with coverage ``alpha`` (h, w) placed at
+    (x0, y0), in place; pixels it covers at least half become ``index`` in owner (H, W).
+    The part of the window outside the image is dropped. Returns the pixels it now owns."""
+    height, width = owner.shape
+    cx0, cy0 = max(x0, 0), max(y0, 0)
+    cx1, cy1 = min(x0 + alpha.shape[1], width), min(y0 + alpha.shape[0], height)
+    if cx1 <= cx0 or cy1 <= cy0:
+        return 0
+    a_u8 = alpha[cy0 - y0: cy1 - y0, cx0 - x0: cx1 - x0]
+    win = image[cy0:cy1, cx0:cx1].astype(np.float32)
+    a = a_u8.astype(np.float32)[..., None] / 255.0
+    image[cy0:cy1, cx0:cx1] = np.clip(win * (1 - a) + colour * a + 0.5, 0, 255).astype(np.uint8)
+    mask = a_u8 >= 128
+    owner[cy0:cy1, cx0:cx1][mask] = index
+    return int(mask.sum())
+
+
+def owned_box(owner: np.ndarray, index: int, window: tuple[int, int, int, int] | None = None) -> tuple[np.ndarray, int]:
+    """((4,) xyxy pixels tight around the pixels ``owner`` gives to ``index``, their count);
+    a zero box and 0 when it owns none. ``window`` (x0, y0, x1, y1) limits the search."""
+    x0, y0, x1, y1 = window if window is not None else (0, 0, owner.shape[1], owner.shape[0])
+    x0, y0 = max(x0, 0), max(y0, 0)
+    ys, xs = np.nonzero(owner[y0:y1, x0:x1] == index)
+    if len(xs) == 0:
+        return np.zeros(4, np.float32), 0
+    return np.array([x0 + xs.min(), y0 + ys.min(), x0 + xs.max() + 1, y0 + ys.max() + 1], np.float32), len(xs)
+
+
+def background(rng: np.random.Generator, size: int, clutter: bool) -> np.ndarray:
     """(size, size, 3) uint8: a colour gradient along a random direction, plus, with clutter,
     soft low-contrast blobs and thin random lines (none of them objects).
 
@@ -134,7 +181,7 @@ def _background(rng: np.random.Generator, size: int, clutter: bool) -> np.ndarra
     return out
 
 
-def _add_noise(rng: np.random.Generator, image: np.ndarray) -> np.ndarray:
+def add_noise(rng: np.random.Generator, image: np.ndarray) -> np.ndarray:
     """Luminance noise over everything, objects included: uniform, sigma 2-8 grey levels.
 
     Uniform noise from raw random bytes: 20x cheaper than Gaussian at 300x300 and just as
@@ -147,7 +194,7 @@ def _add_noise(rng: np.random.Generator, image: np.ndarray) -> np.ndarray:
     return cv2.add(image, cv2.merge([noise, noise, noise]), dtype=cv2.CV_8U)
 
 
-def _contrasting_colour(rng: np.random.Generator, under: np.ndarray) -> np.ndarray:
+def contrasting_colour(rng: np.random.Generator, under: np.ndarray) -> np.ndarray:
     """(3,) float32 random colour at least MIN_CONTRAST from the mean colour ``under`` (3,)."""
     candidates = rng.integers(0, 256, size=(16, 3)).astype(np.float32)
     far = np.linalg.norm(candidates - under, axis=1) >= MIN_CONTRAST
@@ -166,7 +213,7 @@ def render_image(
     the visible pixels, labels (N,) int64 indices into ``kinds``, and visible (N,) float32:
     the fraction of each object's own pixels left uncovered (>= 1 - MAX_HIDDEN).
     """
-    image = _background(rng, size, clutter)
+    image = background(rng, size, clutter)
     owner = np.full((size, size), -1, dtype=np.int16)  # which object each pixel shows
     full_area: list[int] = []  # pixels each object owned when drawn
     visible_px: list[int] = []  # pixels each object still owns
@@ -183,29 +230,24 @@ def render_image(
             extent = float(np.exp(rng.uniform(np.log(min_extent), np.log(max_extent))))
             aspect = 1.0 if kind == "circle" else float(np.exp(rng.uniform(np.log(0.75), np.log(4 / 3))))
             angle = float(rng.uniform(0, _SYMMETRY_DEG.get(kind, 360.0)))
-            # Radius of a disc holding the shape at any rotation, plus 2 px for anti-aliasing.
-            reach = 0.5 * extent * max(np.sqrt(aspect), 1 / np.sqrt(aspect)) * _REACH[kind] + 2
+            reach = shape_reach(kind, extent, aspect)
             if 2 * reach >= size:
                 continue
             cx = float(rng.uniform(reach, size - reach))
             cy = float(rng.uniform(reach, size - reach))
-            x0, y0 = int(np.floor(cx - reach)), int(np.floor(cy - reach))
-            x1, y1 = int(np.ceil(cx + reach)), int(np.ceil(cy + reach))
-            alpha = draw_shape_alpha(kind, cx - x0, cy - y0, extent, aspect, angle, y1 - y0, x1 - x0)
+            x0, y0, alpha = shape_window(kind, cx, cy, extent, aspect, angle)
             mask = alpha >= 128
             area = int(mask.sum())
             if area == 0:
                 continue
+            y1, x1 = y0 + alpha.shape[0], x0 + alpha.shape[1]
             # Pixels of earlier objects this one would cover: none may lose more than MAX_HIDDEN.
             covered = owner[y0:y1, x0:x1][mask]
             hidden = np.bincount(covered[covered >= 0], minlength=len(labels))
             if np.any(np.asarray(visible_px) - hidden < (1 - MAX_HIDDEN) * np.asarray(full_area)):
                 continue
-            win = image[y0:y1, x0:x1].astype(np.float32)
-            colour = _contrasting_colour(rng, win.reshape(-1, 3).mean(axis=0))
-            a = alpha.astype(np.float32)[..., None] / 255.0
-            image[y0:y1, x0:x1] = np.clip(win * (1 - a) + colour * a + 0.5, 0, 255).astype(np.uint8)
-            owner[y0:y1, x0:x1][mask] = len(labels)
+            colour = contrasting_colour(rng, image[y0:y1, x0:x1].astype(np.float32).reshape(-1, 3).mean(axis=0))
+            paint_shape(image, owner, len(labels), x0, y0, alpha, colour)
             visible_px = [v - int(h) for v, h in zip(visible_px, hidden)] + [area]
             full_area.append(area)
             labels.append(label)
@@ -214,13 +256,13 @@ def render_image(
 
     boxes = np.zeros((len(labels), 4), dtype=np.float32)
     visible = np.zeros(len(labels), dtype=np.float32)
-    for k, (x0, y0, x1, y1) in enumerate(windows):  # at most MAX_OBJECTS: not a hot path
-        ys, xs = np.nonzero(owner[y0:y1, x0:x1] == k)
-        boxes[k] = (x0 + xs.min(), y0 + ys.min(), x0 + xs.max() + 1, y0 + ys.max() + 1)
-        visible[k] = len(xs) / full_area[k]
+    for k, window in enumerate(windows):  # at most MAX_OBJECTS: not a hot path
+        box, pixels = owned_box(owner, k, window)
+        boxes[k] = box
+        visible[k] = pixels / full_area[k]
 
     if clutter:
-        image = _add_noise(rng, image)
+        image = add_noise(rng, image)
     return image, boxes, np.asarray(labels, dtype=np.int64), visible
 
 

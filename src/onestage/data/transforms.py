@@ -28,25 +28,25 @@ whichever data-loader worker or process draws the sample, and a resumed run repe
 
 from __future__ import annotations
 
-import math
 import os
-from dataclasses import dataclass
-from typing import Callable
 
 import cv2
 import numpy as np
 import torch
 from torch import Tensor
 
+# The torch-free geometry (resizing, placement plans, normalization), shared with the ONNX
+# runtime; re-exported here, where the transforms have always offered it.
+from onestage.data.geometry import (  # noqa: F401
+    IMAGENET_MEAN, IMAGENET_STD, YOLO_PAD_VALUE, Placement, Plan, Triple, eval_plan, fill_colour, invert_boxes,
+    normalize_image, plan_placement, render, resize,
+)
+
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # no network call at import
 import albumentations as A  # noqa: E402
 
-Triple = tuple[float, float, float]
 # (image (3, S, S) float32 normalized, boxes (N, 4) float32 xyxy in [0, 1], labels (N,) int64)
 Sample = tuple[Tensor, np.ndarray, np.ndarray]
-IMAGENET_MEAN: Triple = (0.485, 0.456, 0.406)
-IMAGENET_STD: Triple = (0.229, 0.224, 0.225)
-YOLO_PAD_VALUE = 114  # grey letterbox padding, as the YOLO references use
 # SSD min-IoU crop: the minimum overlaps of the SSD paper, None = keep the whole image.
 SSD_CROP_MIN_IOUS: tuple[float | None, ...] = (None, 0.1, 0.3, 0.5, 0.7, 0.9)
 SSD_CROP_TRIALS = 50
@@ -68,17 +68,8 @@ def check_sample(image: np.ndarray, boxes: np.ndarray, labels: np.ndarray) -> tu
 
 
 def to_tensor(image: np.ndarray, mean: Triple, std: Triple) -> Tensor:
-    """(H, W, 3) uint8 RGB -> (3, H, W) float32 ``(x / 255 - mean) / std``.
-
-    Done channel by channel in numpy: as fast as torch with one thread and, unlike torch,
-    not slowed down by thread contention when the trainer runs it on a busy main process.
-    """
-    out = np.empty((3,) + image.shape[:2], dtype=np.float32)
-    for c in range(3):
-        out[c] = image[..., c]
-        out[c] -= np.float32(mean[c] * 255.0)
-        out[c] *= np.float32(1.0 / (std[c] * 255.0))
-    return torch.from_numpy(out)
+    """(H, W, 3) uint8 RGB -> (3, H, W) float32 tensor ``(x / 255 - mean) / std`` (``normalize_image``)."""
+    return torch.from_numpy(normalize_image(image, mean, std))
 
 
 def denormalize(image: Tensor, mean: Triple = IMAGENET_MEAN, std: Triple = IMAGENET_STD) -> np.ndarray:
@@ -88,26 +79,6 @@ def denormalize(image: Tensor, mean: Triple = IMAGENET_MEAN, std: Triple = IMAGE
     x = image.detach().float().cpu().numpy().transpose(1, 2, 0)
     x = (x * np.asarray(std, dtype=np.float32) + np.asarray(mean, dtype=np.float32)) * 255.0
     return np.clip(np.rint(x), 0, 255).astype(np.uint8)
-
-
-def resize(image: np.ndarray, width: int, height: int) -> np.ndarray:
-    """Resize (H, W, 3) uint8 to (height, width, 3), anti-aliased when shrinking.
-
-    Bilinear alone aliases when an axis shrinks more than 2x (it reads 2x2 source pixels
-    per output pixel). There, bilinear goes to ``2^n`` times the target (a shrink of at
-    most 2x per axis) and a box average of exactly ``2^n`` x ``2^n`` pixels finishes;
-    cv2's INTER_AREA has a fast path for integer factors, so this costs 0.1-0.3 ms where a
-    direct INTER_AREA from 500x375 costs 1.1 ms (measured on the project's CPU).
-    """
-    src_h, src_w = image.shape[:2]
-    if src_w == width and src_h == height:
-        return image
-    fx = max(0, math.floor(math.log2(src_w / width))) if src_w >= 2 * width else 0
-    fy = max(0, math.floor(math.log2(src_h / height))) if src_h >= 2 * height else 0
-    if fx == 0 and fy == 0:
-        return cv2.resize(image, (width, height), interpolation=cv2.INTER_LINEAR)
-    mid = cv2.resize(image, (width << fx, height << fy), interpolation=cv2.INTER_LINEAR)
-    return cv2.resize(mid, (width, height), interpolation=cv2.INTER_AREA)
 
 
 def hflip(image: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -139,97 +110,6 @@ def normalize_boxes(boxes: np.ndarray, size: int) -> np.ndarray:
     return np.clip(boxes / np.float32(size), 0.0, 1.0).astype(np.float32)
 
 
-@dataclass(frozen=True)
-class Placement:
-    """Axis-aligned map from source pixels to output pixels (pixel-edge coordinates):
-    ``x_out = kx * x + bx``, ``y_out = ky * y + by``."""
-
-    kx: float
-    ky: float
-    bx: float
-    by: float
-
-    def forward(self, boxes: np.ndarray) -> np.ndarray:
-        """(N, 4) xyxy source pixels -> (N, 4) float32 xyxy output pixels."""
-        scale = np.array([self.kx, self.ky, self.kx, self.ky], dtype=np.float64)
-        shift = np.array([self.bx, self.by, self.bx, self.by], dtype=np.float64)
-        return (boxes * scale + shift).astype(np.float32)
-
-    def inverse(self, boxes: np.ndarray) -> np.ndarray:
-        """(N, 4) xyxy output pixels -> (N, 4) float64 xyxy source pixels."""
-        scale = np.array([self.kx, self.ky, self.kx, self.ky], dtype=np.float64)
-        shift = np.array([self.bx, self.by, self.bx, self.by], dtype=np.float64)
-        return (np.asarray(boxes, dtype=np.float64) - shift) / scale
-
-
-@dataclass(frozen=True)
-class Plan:
-    """Where a source image goes in an S x S output.
-
-    ``src``: integer rect (x1, y1, x2, y2) of the source that lands in the output, or None
-    when nothing does; ``dst``: integer rect it is resized to (may overhang the output by
-    less than a source pixel); ``placement``: the exact map pixels and boxes follow.
-    """
-
-    src: tuple[int, int, int, int] | None
-    dst: tuple[int, int, int, int] | None
-    placement: Placement
-
-
-def _round(v: float) -> int:
-    return int(math.floor(v + 0.5))
-
-
-def plan_placement(width: int, height: int, kx: float, ky: float, bx: float, by: float, size: int) -> Plan:
-    """Plan the nominal map ``x_out = kx * x + bx`` of a width x height image into S x S.
-
-    The source rect is the visible part rounded outwards to whole source pixels; its
-    corners are mapped and rounded to whole output pixels, and the map is re-derived from
-    the two rects so that resizing the rect onto the rect is exactly the returned map.
-    """
-    sx1 = max(0, math.floor(-bx / kx))
-    sx2 = min(width, math.ceil((size - bx) / kx))
-    sy1 = max(0, math.floor(-by / ky))
-    sy2 = min(height, math.ceil((size - by) / ky))
-    if sx2 > sx1 and sy2 > sy1:
-        dx1, dx2 = _round(kx * sx1 + bx), _round(kx * sx2 + bx)
-        dy1, dy2 = _round(ky * sy1 + by), _round(ky * sy2 + by)
-        if dx2 > dx1 and dy2 > dy1:
-            ekx = (dx2 - dx1) / (sx2 - sx1)
-            eky = (dy2 - dy1) / (sy2 - sy1)
-            placement = Placement(ekx, eky, dx1 - ekx * sx1, dy1 - eky * sy1)
-            return Plan((sx1, sy1, sx2, sy2), (dx1, dy1, dx2, dy2), placement)
-    return Plan(None, None, Placement(kx, ky, bx, by))
-
-
-def render(
-    image: np.ndarray,
-    plan: Plan,
-    size: int,
-    fill: tuple[int, int, int],
-    patch_fn: Callable[[np.ndarray], np.ndarray] | None = None,
-) -> np.ndarray:
-    """(size, size, 3) uint8: the planned part of ``image`` resized onto a ``fill`` canvas.
-
-    ``patch_fn`` (a colour jitter) sees only the resized image pixels, never the fill, so
-    padding keeps exactly the fill colour (the SSD reference distorts before expanding).
-    """
-    if plan.src is None or plan.dst is None:
-        return np.full((size, size, 3), fill, dtype=np.uint8)
-    sx1, sy1, sx2, sy2 = plan.src
-    dx1, dy1, dx2, dy2 = plan.dst
-    patch = resize(image[sy1:sy2, sx1:sx2], dx2 - dx1, dy2 - dy1)
-    if patch_fn is not None:
-        patch = patch_fn(patch)
-    if (dx1, dy1, dx2, dy2) == (0, 0, size, size):
-        return np.ascontiguousarray(patch)
-    canvas = np.full((size, size, 3), fill, dtype=np.uint8)
-    cx1, cy1, cx2, cy2 = max(dx1, 0), max(dy1, 0), min(dx2, size), min(dy2, size)
-    if cx2 > cx1 and cy2 > cy1:
-        canvas[cy1:cy2, cx1:cx2] = patch[cy1 - dy1 : cy2 - dy1, cx1 - dx1 : cx2 - dx1]
-    return canvas
-
-
 def _same_kind(values: np.ndarray, like: np.ndarray | Tensor) -> np.ndarray | Tensor:
     if isinstance(like, Tensor):
         dtype = like.dtype if like.is_floating_point() else torch.float32
@@ -243,15 +123,7 @@ def _invert(plan: Plan, boxes_norm: np.ndarray | Tensor, size: int, width: int, 
         b = boxes_norm.detach().cpu().double().numpy()
     else:
         b = np.asarray(boxes_norm, dtype=np.float64)
-    src = plan.placement.inverse(b.reshape(-1, 4) * size)
-    src[:, 0::2] = np.clip(src[:, 0::2], 0, width)
-    src[:, 1::2] = np.clip(src[:, 1::2], 0, height)
-    return _same_kind(src, boxes_norm)
-
-
-def fill_colour(mean: Triple) -> tuple[int, int, int]:
-    """The mean colour as uint8: it normalizes to ~0, so zoom-out padding carries no signal."""
-    return tuple(int(round(m * 255)) for m in mean)  # type: ignore[return-value]
+    return _same_kind(invert_boxes(plan, b, size, width, height), boxes_norm)
 
 
 # --------------------------------------------------------------------------- SSD sampling
@@ -347,7 +219,7 @@ class EvalTransform:
         self.size, self.mean, self.std = size, mean, std
 
     def plan(self, width: int, height: int) -> Plan:
-        return plan_placement(width, height, self.size / width, self.size / height, 0.0, 0.0, self.size)
+        return eval_plan("resize", width, height, self.size)
 
     def __call__(self, image: np.ndarray, boxes: np.ndarray, labels: np.ndarray) -> Sample:
         boxes, labels = check_sample(image, boxes, labels)
@@ -371,9 +243,7 @@ class LetterboxEvalTransform:
         self.size, self.mean, self.std, self.pad_value = size, mean, std, pad_value
 
     def plan(self, width: int, height: int) -> Plan:
-        k = self.size / max(width, height)
-        bx, by = 0.5 * (self.size - k * width), 0.5 * (self.size - k * height)
-        return plan_placement(width, height, k, k, bx, by, self.size)
+        return eval_plan("letterbox", width, height, self.size)
 
     def __call__(self, image: np.ndarray, boxes: np.ndarray, labels: np.ndarray) -> Sample:
         boxes, labels = check_sample(image, boxes, labels)

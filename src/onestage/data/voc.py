@@ -3,13 +3,25 @@
 Layouts found in real data, all read by ``read_voc``:
 - the VOC devkit: ``Annotations/``, ``JPEGImages/``, ``ImageSets/Main/{split}.txt``
   (also one level down, e.g. a root holding ``BCCD/`` or ``VOC2007/``);
-- LabelImg exports: ``annotations/`` beside ``images/``, splits as CSV files whose
-  ``filename`` column lists images (raccoon's ``data/train_labels.csv``).
+- LabelImg / Roboflow exports: ``annotations/`` (or ``annots/``, ``xml/``) beside
+  ``images/``, splits as CSV files whose ``filename`` column lists images (raccoon's
+  ``data/train_labels.csv``);
+- XML files beside their images, in the root or in its image folder;
+- any other: ``data.*.annotations`` (the XML folder) and ``data.*.images`` (the image
+  folder) name the folders, relative to the root.
+A split file (``.txt`` / ``.csv``) is relative to the dataset root (then the detected
+base one level down), never to the folder the command runs in.
 
 Contract: each record's ``boxes`` are (N, 4) float32 xyxy absolute pixels as written in
 the XML (VOC's 1-based integer corners are kept as continuous coordinates: DESIGN.md
 section 3, "no +1 pixel"), clipped to the image; ``difficult`` kept from ``<difficult>``;
 ``width``/``height`` from the image itself (EXIF orientation applied).
+
+Frame of the boxes of an EXIF-rotated image (orientation 5-8, width and height swapped):
+decided from the XML's ``<size>``. Equal to the stored (unrotated) size, the boxes were
+drawn on the stored pixels (tools that ignore EXIF) and are rotated with the image into
+the upright frame; equal to the upright size, or absent, they are taken as they are. The
+choice is noted (``exif_orientation``) for ``onestage data check`` to list and draw.
 """
 
 from __future__ import annotations
@@ -22,11 +34,13 @@ from pathlib import Path
 import numpy as np
 
 from onestage.data.record import ImageRecord
-from onestage.data.io import image_size, safe_join
+from onestage.data.io import ImageInfo, exif_boxes_to_upright, image_info, note_image_quirks, safe_join
 from onestage.data.problems import DataError, DatasetSpec, OnError, ProblemLog, fix_boxes
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
-_LAYOUTS = (("Annotations", "JPEGImages"), ("annotations", "images"))
+# Folder names tried, in order, when the config does not name them.
+ANNOTATION_FOLDERS = ("Annotations", "annotations", "annots", "Annots", "xml", "XML", "labels")
+IMAGE_FOLDERS = ("JPEGImages", "images", "Images", "imgs", "img", "JPEGs")
 
 
 @dataclass
@@ -43,26 +57,76 @@ class _Parsed:
     difficult: np.ndarray  # (N,) bool
 
 
-def _find_layout(root: Path, annotations_dir: str | None, images_dir: str | None) -> tuple[Path, Path, Path]:
-    """(dataset root, annotation folder, image folder), looking one level down if needed."""
-    candidates = [root] + sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
-    for base in candidates:
-        for ann, img in _LAYOUTS:
-            a = base / (annotations_dir or ann)
-            i = base / (images_dir or img)
-            if a.is_dir() and i.is_dir():
-                return base, a, i
+def _has_xml(folder: Path) -> bool:
+    return folder.is_dir() and any(folder.glob("*.xml"))
+
+
+def _has_images(folder: Path) -> bool:
+    return folder.is_dir() and any(p.suffix.lower() in IMAGE_EXTENSIONS for p in folder.iterdir())
+
+
+def _named_layout(root: Path, annotations_dir: str | Path | None, images_dir: str | Path | None) -> tuple[Path, Path, Path]:
+    """The layout the config names (``data.*.annotations`` / ``data.*.images``), relative to root."""
+    images = root / images_dir if images_dir is not None else None
+    annotations = root / annotations_dir if annotations_dir is not None else None
+    if images is None:
+        # Annotations named: images in a usual folder beside them, in the root, or with the XML.
+        found = [root / n for n in IMAGE_FOLDERS if _has_images(root / n)]
+        images = found[0] if found else (root if _has_images(root) else annotations)
+    if annotations is None:
+        found = [root / n for n in ANNOTATION_FOLDERS if _has_xml(root / n)]
+        annotations = found[0] if found else images  # XML beside the images
+    assert images is not None and annotations is not None
+    for key, folder in (("images", images), ("annotations", annotations)):
+        if not folder.is_dir():
+            what = "not a folder" if folder.exists() else "not found"
+            raise DataError(f"{folder}: data.*.{key} of a VOC dataset must be a folder; {what}")
+    if not _has_xml(annotations):
+        raise DataError(f"{annotations}: no .xml annotation files in this folder (set data.*.annotations)")
+    return root, annotations, images
+
+
+def _find_layout(
+    root: Path, annotations_dir: str | Path | None = None, images_dir: str | Path | None = None
+) -> tuple[Path, Path, Path]:
+    """(dataset base, annotation folder, image folder), looking one level down if needed."""
     if not root.is_dir():
         raise DataError(f"{root}: VOC dataset folder not found")
-    wanted = f"{annotations_dir or 'Annotations|annotations'}/ and {images_dir or 'JPEGImages|images'}/"
-    raise DataError(f"{root}: no VOC layout found: expected {wanted} in it or in one of its subfolders")
+    if annotations_dir is not None or images_dir is not None:
+        return _named_layout(root, annotations_dir, images_dir)
+    candidates = [root] + sorted(p for p in root.iterdir() if p.is_dir())
+    for base in candidates:
+        for ann in ANNOTATION_FOLDERS:
+            if not _has_xml(base / ann):
+                continue
+            for img in IMAGE_FOLDERS:
+                if (base / img).is_dir():
+                    return base, base / ann, base / img
+            if _has_images(base / ann):  # XML beside the images, in a folder of both
+                return base, base / ann, base / ann
+    for base in candidates:
+        for img in (*IMAGE_FOLDERS, ""):
+            folder = base / img if img else base
+            if _has_xml(folder) and _has_images(folder):  # XML beside the images
+                return base, folder, folder
+    raise DataError(
+        f"{root}: no VOC layout found: expected an annotation folder ({'|'.join(ANNOTATION_FOLDERS)}) with an "
+        f"image folder ({'|'.join(IMAGE_FOLDERS)}), or .xml files beside the images, in it or one of its "
+        "subfolders; name other folders with data.*.annotations and data.*.images"
+    )
 
 
 def _split_ids(base: Path, root: Path, split: str) -> list[str]:
-    """Image ids (file stems or file names) listed by a split: an ImageSets name, a .txt or a CSV."""
+    """Image ids (file stems or file names) listed by a split: an ImageSets name, a .txt or a CSV.
+
+    A relative split file is looked up under the dataset root, then under the detected base
+    (one level down), never in the current folder (issue 21: a train.txt where the command
+    runs must not replace the dataset's own).
+    """
     as_path = Path(split)
     if as_path.suffix.lower() in (".txt", ".csv"):
-        for candidate in (as_path, root / as_path, base / as_path):
+        candidates = (as_path,) if as_path.is_absolute() else (root / as_path, base / as_path)
+        for candidate in candidates:
             if candidate.is_file():
                 return _read_split_file(candidate)
     sets = base / "ImageSets" / "Main"
@@ -71,7 +135,7 @@ def _split_ids(base: Path, root: Path, split: str) -> list[str]:
         return _read_split_file(txt)
     known = sorted(p.stem for p in sets.glob("*.txt")) if sets.is_dir() else []
     raise DataError(
-        f"{root}: split {split!r} not found: not a file, and no {txt}"
+        f"{root}: split {split!r} not found: no such file under the dataset root, and no {txt}"
         + (f"; available splits: {', '.join(known)}" if known else "")
     )
 
@@ -125,6 +189,52 @@ def _number(node: ET.Element, tag: str, xml: Path, what: str) -> float:
         raise DataError(f"{xml}: {what} <{tag}> is {text.strip()!r}, not a number") from None
 
 
+def _xml_size(root: ET.Element) -> tuple[float, float] | None:
+    """The XML's <size> (width, height); None when absent or not numbers."""
+    size = root.find("size")
+    if size is None:
+        return None
+    try:
+        return float(size.findtext("width") or 0), float(size.findtext("height") or 0)
+    except ValueError:
+        return None
+
+
+def _boxes_in_image_frame(
+    boxes: np.ndarray, xml_size: tuple[float, float] | None, info: ImageInfo, xml: Path, image: Path, log: ProblemLog
+) -> np.ndarray:
+    """(N, 4) xyxy pixels as written -> the upright image's frame, noting every decision
+    (module docstring: the frame of an EXIF-rotated image's boxes comes from <size>)."""
+    upright = (info.width, info.height)
+    stored = (info.stored_width, info.stored_height)
+    if xml_size is not None and (xml_size[0] <= 0 or xml_size[1] <= 0):
+        log.fix(xml, "size_zero", f"<size> is {xml_size[0]:g}x{xml_size[1]:g}; using the size of {image.name}, "
+                f"{info.width}x{info.height}", "kept")
+        xml_size = None
+    orientation = info.orientation if info.orientation is not None and 2 <= info.orientation <= 8 else None
+    if orientation is not None:
+        if info.rotated and xml_size == stored:
+            log.fix(image, "exif_orientation", f"EXIF orientation {orientation}: stored {stored[0]}x{stored[1]}, "
+                    f"shown {upright[0]}x{upright[1]}; the <size> of {xml.name} is the stored frame, so its boxes were "
+                    "drawn on the stored pixels: rotated with the image into the shown frame", "rotated")
+            return exif_boxes_to_upright(boxes, orientation, *stored)
+        if xml_size is None:
+            why = "no <size> to tell the frame"
+        elif not info.rotated:
+            why = "<size> cannot tell the frames apart (same width and height)"
+        elif xml_size == upright:
+            why = "<size> is the shown frame"
+        else:
+            why = "<size> matches neither frame"
+        log.fix(image, "exif_orientation", f"EXIF orientation {orientation} (shown {upright[0]}x{upright[1]}); "
+                f"{why.replace('<size>', f'the <size> of {xml.name}')}: its boxes taken in the shown (upright) frame",
+                "kept")
+    if xml_size is not None and xml_size != upright:
+        log.fix(xml, "size_mismatch", f"<size> says {xml_size[0]:g}x{xml_size[1]:g} but {image.name} is "
+                f"{upright[0]}x{upright[1]} (EXIF orientation applied); using the image size", "kept")
+    return boxes
+
+
 def _parse_xml(xml: Path, image_id: str, images: Path, log: ProblemLog) -> _Parsed | None:
     """Parse one annotation file; None (after logging) when it or its image is unusable."""
     try:
@@ -145,10 +255,12 @@ def _parse_xml(xml: Path, image_id: str, images: Path, log: ProblemLog) -> _Pars
         log.error(xml, "missing_image", f"no image for {image_id!r} in {images}")
         return None
     try:
-        width, height = image_size(image)
+        info = image_info(image)
     except DataError as exc:
         log.error(image, "corrupt_image", str(exc).removeprefix(f"{image}: "))
         return None
+    note_image_quirks(info, image, log)
+    width, height = info.width, info.height
 
     names: list[str] = []
     coords: list[list[float]] = []
@@ -170,19 +282,8 @@ def _parse_xml(xml: Path, image_id: str, images: Path, log: ProblemLog) -> _Pars
         log.error(xml, "bad_annotation", str(exc).removeprefix(f"{xml}: "))
         return None
 
-    size = root.find("size")
-    xml_w = xml_h = 0.0
-    if size is not None:
-        try:
-            xml_w = float(size.findtext("width") or 0)
-            xml_h = float(size.findtext("height") or 0)
-        except ValueError:
-            xml_w = xml_h = 0.0
-    # A missing or zero <size> is common (some tools omit it) and harmless: the image
-    # gives it. A different non-zero size means the boxes may be in another frame.
-    if xml_w > 0 and xml_h > 0 and (xml_w, xml_h) != (width, height):
-        log.fix(xml, "size_mismatch", f"<size> says {xml_w:g}x{xml_h:g} but {image.name} is "
-                f"{width}x{height} (EXIF orientation applied); using the image size", "kept")
+    boxes = np.asarray(coords, dtype=np.float64).reshape(-1, 4)
+    boxes = _boxes_in_image_frame(boxes, _xml_size(root), info, xml, image, log)
     return _Parsed(
         image_id=_without_image_extension(image_id),
         xml=xml,
@@ -190,7 +291,7 @@ def _parse_xml(xml: Path, image_id: str, images: Path, log: ProblemLog) -> _Pars
         width=width,
         height=height,
         names=names,
-        boxes=np.asarray(coords, dtype=np.float64).reshape(-1, 4),
+        boxes=boxes,
         difficult=np.asarray(difficult, dtype=bool),
     )
 

@@ -26,7 +26,7 @@ import numpy as np
 import yaml
 
 from onestage.data.record import ImageRecord
-from onestage.data.io import image_size, safe_join
+from onestage.data.io import image_info, note_image_quirks, safe_join
 from onestage.data.problems import DataError, DatasetSpec, OnError, ProblemLog, fix_boxes
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"})
@@ -208,10 +208,12 @@ def read_yolo(
         label = _label_folder(image.parent) / (image.stem + ".txt")
         used_labels.add(label)
         try:
-            width, height = image_size(image)
+            info = image_info(image)
         except DataError as exc:
             log.error(image, "corrupt_image", str(exc).removeprefix(f"{image}: "))
             continue
+        note_image_quirks(info, image, log)
+        width, height = info.width, info.height
         if label.is_file():
             try:
                 classes, cxcywh = _parse_label(label, len(names), names)

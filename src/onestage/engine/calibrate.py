@@ -39,8 +39,11 @@ from torch import Tensor, nn
 from onestage.config import PrecisionConfig
 
 AMP_MIN_SPEEDUP = 1.1  # auto leaves fp32 only for a clear gain: bf16 changes numerics, timings are noisy
+LAYOUT_MIN_SPEEDUP = 1.1  # auto leaves channels_last (the tuned default) only for a clear gain
 SLOW_WARNING_RATIO = 1.5  # an explicit choice measured this much slower than the alternative warns
-SLOW_STOP_FACTOR = 10.0  # one step this many times the best one so far ends that dtype's measurement
+# One step this many times the fastest comparable one ends that dtype's measurement: it will not be
+# chosen (auto needs 1.1x faster) and is warned about if forced (1.5x); AVX2 bf16 is 7-13x.
+SLOW_STOP_FACTOR = 4.0
 DEFAULT_TIME_LIMIT = 6.0  # seconds for the whole calibration; at least one warmup and one timed step per mode
 DEFAULT_MAX_STEPS = 3  # timed steps per mode at most (after one warmup step each)
 CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
@@ -230,7 +233,7 @@ def _decide_amp(cfg: PrecisionConfig, kind: DeviceKind, timings: Mapping[str, fl
     t32, t_amp = _best(timings, None), _best(timings, dtype)
     if t32 is None or t_amp is None:
         amp = kind.bf16 if cfg.amp == "auto" else bool(cfg.amp)
-        return amp, f"{name} against fp32 not measured, {'native' if kind.bf16 else 'no native'} bf16: {kind.description}", None
+        return amp, f"{name} against fp32 not measured: {kind.description}", None
     if cfg.amp == "auto":
         amp = t_amp * AMP_MIN_SPEEDUP <= t32
         if amp or t_amp >= t32:
@@ -261,7 +264,7 @@ def _decide_layout(
     if cfg.channels_last == "auto":
         if t_cl is None or t_plain is None:
             return t_cl is not None or t_plain is None, None, None  # the measured one; channels_last by default
-        return t_cl <= t_plain, f"channels_last {_ratio_text(t_cl, t_plain)} than contiguous", None
+        return t_plain * LAYOUT_MIN_SPEEDUP > t_cl, f"channels_last {_ratio_text(t_cl, t_plain)} than contiguous", None
     channels_last = bool(cfg.channels_last)
     chosen, other = (t_cl, t_plain) if channels_last else (t_plain, t_cl)
     if chosen is None or other is None or chosen <= SLOW_WARNING_RATIO * other:
@@ -305,7 +308,8 @@ def decide_precision(
 
     ``timings``: ``mode_key`` -> seconds per step (missing: not measured, e.g. a dtype dropped
     after one very slow step). CPU, ``amp: auto``: autocast only where its best time beats fp32's
-    best by ``AMP_MIN_SPEEDUP``. ``channels_last: auto``: the faster layout within that dtype.
+    best by ``AMP_MIN_SPEEDUP``. ``channels_last: auto``: within that dtype, channels_last unless
+    contiguous is measured ``LAYOUT_MIN_SPEEDUP`` times faster.
     Explicit ``true`` / ``false`` are honoured, with a ``warning`` when measured more than
     ``SLOW_WARNING_RATIO`` times slower than the alternative.
     """
@@ -339,36 +343,31 @@ def _float_tensors(outputs: Any) -> Iterator[Tensor]:
             yield from _float_tensors(value)
 
 
+LossFn = Callable[[Any], Tensor]  # a model's outputs -> the scalar training loss
+
+
+def _outputs_mean_sum(outputs: Any) -> Tensor:
+    """A stand-in loss when the caller gives none: the sum of the outputs' means."""
+    return sum(t.float().mean() for t in _float_tensors(outputs))
+
+
 def _timed_step(
     model: nn.Module, images: Tensor, dtype: torch.dtype | None, device: torch.device, train: bool,
-    clock: Callable[[], float],
+    clock: Callable[[], float], loss_fn: LossFn | None = None,
 ) -> float:
-    """Seconds for one forward + backward (train) or one forward under no_grad (eval).
-
-    The loss is the sum of the outputs' means: the network's forward and backward cost, which is
-    what the precision changes (the detection loss runs mostly in fp32 either way).
-    """
+    """Seconds for one forward under autocast + loss + backward (train), or one forward under
+    no_grad (eval). As in the trainer, the loss runs after the autocast region."""
     start = clock()
-    with torch.set_grad_enabled(train), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-        outputs = model(images)
-        loss = sum(t.float().mean() for t in _float_tensors(outputs)) if train else None
-    if loss is not None:
-        loss.backward()
+    with torch.set_grad_enabled(train):
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            outputs = model(images)
+        if train:
+            (loss_fn or _outputs_mean_sum)(outputs).backward()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     elapsed = clock() - start
     model.zero_grad(set_to_none=True)
     return elapsed
-
-
-def _step_in_mode(
-    model: nn.Module, images: Mapping[bool, Tensor], mode: Mode, device: torch.device, train: bool,
-    clock: Callable[[], float],
-) -> float:
-    """One timed step in ``mode``; the model is put in the mode's memory format first (untimed)."""
-    dtype, channels_last = mode
-    model.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-    return _timed_step(model, images[channels_last], dtype, device, train, clock)
 
 
 def measure_precision_modes(
@@ -381,22 +380,35 @@ def measure_precision_modes(
     time_limit: float = DEFAULT_TIME_LIMIT,
     max_steps: int = DEFAULT_MAX_STEPS,
     clock: Callable[[], float] = time.perf_counter,
+    images: Tensor | None = None,
+    loss_fn: LossFn | None = None,
 ) -> dict[str, float]:
     """Seconds per step of ``model`` in each mode (median), on a deep copy: the caller's model
     (weights, BN statistics, grads, memory format, train/eval mode) and the global RNG are untouched.
 
-    ``batch_shape``: (B, 3, H, W) of the run. The modes take turns, one step each per round, so
-    that a shared machine's changing load falls on all of them alike. Round 0 warms up (allocator,
-    oneDNN kernels) and is not counted; then rounds run until ``time_limit`` seconds have passed
-    (warmup included) or ``max_steps`` rounds, at least one. A step taking ``SLOW_STOP_FACTOR``
-    times the fastest comparable step so far (warmup against warmup) ends its dtype at once: that
-    step is its figure, and its other memory format is not measured.
+    ``batch_shape``: (B, 3, H, W) of the run. ``images`` (that shape) and ``loss_fn`` (outputs ->
+    loss, e.g. the criterion on that batch's targets): a real batch and the real loss, so that the
+    step timed is the training step (loss included); without them, seeded noise and the sum of
+    the outputs' means (the network's forward and backward alone).
+
+    The modes take turns, one step each per round, so that a shared machine's changing load falls
+    on all of them alike. Round 0 warms up (allocator, oneDNN kernels) and is not counted; then
+    rounds run until ``time_limit`` seconds have passed (warmup included) or ``max_steps`` rounds,
+    at least one. A mode's warmup or first timed step taking ``SLOW_STOP_FACTOR`` times the
+    fastest comparable step so far (warmup against warmup) ends its dtype at once: that step is
+    its figure, and its other memory format is not measured.
     """
-    work = copy.deepcopy(model).to(device)
-    work.train(train)
-    work.zero_grad(set_to_none=True)
-    x = torch.randn(batch_shape, generator=torch.Generator().manual_seed(0)).to(device)
-    images = {False: x, True: x.contiguous(memory_format=torch.channels_last)}
+    copies, batches = {}, {}  # one copy of the model and the batch per memory format
+    if images is not None and tuple(images.shape) != tuple(batch_shape):
+        raise ValueError(f"measure_precision_modes: images of shape {tuple(images.shape)}, batch_shape {batch_shape}")
+    if images is None:
+        images = torch.randn(batch_shape, generator=torch.Generator().manual_seed(0))
+    x = images.to(device)
+    for channels_last in sorted({m[1] for m in modes}):
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        copies[channels_last] = copy.deepcopy(model).to(device, memory_format=fmt).train(train)
+        copies[channels_last].zero_grad(set_to_none=True)
+        batches[channels_last] = x.contiguous(memory_format=fmt)
     warmup: dict[Mode, float] = {}
     timed: dict[Mode, list[float]] = {m: [] for m in modes}
     dropped: dict[Mode, float] = {}
@@ -406,9 +418,10 @@ def measure_precision_modes(
             for mode in modes:
                 if any(d[0] == mode[0] for d in dropped):
                     continue
-                seconds = _step_in_mode(work, images, mode, device, train, clock)
+                seconds = _timed_step(copies[mode[1]], batches[mode[1]], mode[0], device, train, clock, loss_fn)
                 so_far = list(warmup.values()) if round_ == 0 else [t for ts in timed.values() for t in ts]
-                if seconds > SLOW_STOP_FACTOR * min(so_far, default=math.inf):
+                # Only a mode's first steps can end it; later, a slow step (a load spike) joins the median.
+                if not timed[mode] and seconds > SLOW_STOP_FACTOR * min(so_far, default=math.inf):
                     dropped[mode] = seconds
                 elif round_ == 0:
                     warmup[mode] = seconds
@@ -503,7 +516,7 @@ class PrecisionCache:
 class MeasureFn(Protocol):
     def __call__(
         self, model: nn.Module, batch_shape: tuple[int, int, int, int], device: torch.device, *,
-        train: bool, modes: Sequence[Mode], time_limit: float,
+        train: bool, modes: Sequence[Mode], time_limit: float, images: Tensor | None, loss_fn: LossFn | None,
     ) -> dict[str, float]: ...
 
 
@@ -517,12 +530,16 @@ def resolve_precision(
     cache: bool = True,
     refresh: bool = False,
     time_limit: float = DEFAULT_TIME_LIMIT,
+    images: Tensor | None = None,
+    loss_fn: LossFn | None = None,
     measure: MeasureFn = measure_precision_modes,
 ) -> PrecisionDecision:
     """The precision a run uses: call once, then use ``decision.apply(cfg)`` (a concrete config).
 
     ``batch_shape``: (B, 3, H, W) of the run's batches; ``train``: forward + backward is timed,
-    else forward only (evaluation, predict). On the CPU every mode is timed (an explicit choice
+    else forward only (evaluation, predict). ``images`` and ``loss_fn``: a real batch and the
+    training loss on it (``lambda out: criterion(out, boxes, labels)["total"]``), so that the
+    calibration times what a step does; see ``measure_precision_modes``. On the CPU every mode is timed (an explicit choice
     too: it is warned about when much slower), unless the cache holds this machine, model and
     shape; ``cache=False`` neither reads nor writes it, ``refresh=True`` re-measures and rewrites.
     On CUDA nothing is measured.
@@ -537,14 +554,17 @@ def resolve_precision(
     timings = store.get(key) if store is not None and not refresh else None
     if timings is not None:
         return decide_precision(cfg, kind, timings, cached=True)
-    timings = measure(model, batch_shape, device, train=train, modes=modes, time_limit=time_limit)
+    timings = measure(
+        model, batch_shape, device, train=train, modes=modes, time_limit=time_limit, images=images, loss_fn=loss_fn
+    )
     if store is not None:
         store.put(key, timings)
     return decide_precision(cfg, kind, timings)
 
 
 __all__ = [
-    "AMP_MIN_SPEEDUP", "CpuInfo", "DeviceKind", "PrecisionCache", "PrecisionDecision", "SLOW_WARNING_RATIO",
+    "AMP_MIN_SPEEDUP", "LAYOUT_MIN_SPEEDUP", "SLOW_STOP_FACTOR", "SLOW_WARNING_RATIO",
+    "CpuInfo", "DeviceKind", "LossFn", "Mode", "PrecisionCache", "PrecisionDecision",
     "amp_dtype", "cache_dir", "calibration_key", "calibration_modes", "cpu_info", "decide_precision",
     "device_kind", "measure_precision_modes", "mode_key", "model_fingerprint", "resolve_precision",
     "static_amp_guess",

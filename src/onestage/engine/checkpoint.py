@@ -75,16 +75,20 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
 
 
 def _weights_only_reason(exc: pickle.UnpicklingError) -> str | None:
-    # torch's message is long advice; the line after "WeightsUnpickler error:" names the culprit.
-    for line in str(exc).splitlines():
-        line = line.strip()
-        if line.startswith("WeightsUnpickler error:"):
-            return line[len("WeightsUnpickler error:") :].strip()
-    return None
+    """The culprit torch names after "WeightsUnpickler error:" (same line or the next ones), or
+    None when the error does not come from the weights_only unpickler."""
+    text = str(exc)
+    marker = "WeightsUnpickler error:"
+    if marker not in text:
+        return None
+    reason = text.split(marker, 1)[1].split("Check the documentation", 1)[0]
+    return " ".join(reason.split()) or "no reason given"
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", *, mmap: bool = False) -> dict[str, Any]:
     """Load a checkpoint written by ``save_checkpoint`` with ``weights_only=True``.
+
+    ``mmap``: map the tensors instead of reading them (to look at a few plain entries cheaply).
 
     Raises ``CheckpointError`` naming the file when it is missing, truncated/corrupt, holds
     objects that safe loading refuses (arbitrary classes), or is not a dict.
@@ -93,17 +97,22 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        state = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:
         reason = _weights_only_reason(exc)
-        if reason is not None and reason.startswith("Unsupported global"):
+        if reason is None:
+            raise CheckpointError(f"{path}: not a torch checkpoint (corrupt, or not written by torch.save)") from exc
+        if reason.startswith("Unsupported operand"):
+            # An opcode the safe unpickler does not know: a plain pickle (protocol 4+), or garbage.
             raise CheckpointError(
-                f"{path}: refused by safe loading (torch.load weights_only=True): {reason} "
-                "A checkpoint may only hold tensors, numbers, strings and lists/tuples/dicts of them; "
-                "loading arbitrary objects could run code from the file."
+                f"{path}: refused by weights_only loading ({reason}): not a file torch.save wrote, or a corrupt one"
             ) from exc
-        detail = f": {reason}" if reason else ""
-        raise CheckpointError(f"{path}: not a torch checkpoint (corrupt, or not written by torch.save){detail}") from exc
+        raise CheckpointError(
+            f"{path}: holds objects that are not tensors or plain data; refused by weights_only loading "
+            f"(torch.load weights_only=True): {reason.split('. Please use')[0]}. A checkpoint may only hold "
+            "tensors, numbers, strings and lists/tuples/dicts of them; loading arbitrary objects could run "
+            "code from the file."
+        ) from exc
     except EOFError as exc:
         raise CheckpointError(f"{path}: empty or truncated checkpoint file") from exc
     except (RuntimeError, OSError) as exc:

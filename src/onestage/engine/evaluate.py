@@ -22,6 +22,7 @@ from onestage.data.base import DetectionDataset, collate
 from onestage.engine import distributed as dist
 from onestage.engine.precision import autocast_context
 from onestage.eval.evaluator import EvalResult, Evaluator
+from onestage.eval.stability_report import add_stability, is_video_dataset
 
 
 def make_evaluator(cfg: Config, class_names: list[str], category_ids: list[int] | None = None) -> Evaluator:
@@ -31,6 +32,7 @@ def make_evaluator(cfg: Config, class_names: list[str], category_ids: list[int] 
         iou_threshold=cfg.eval.iou_threshold,
         voc_metric=cfg.eval.voc_metric,
         category_ids=category_ids,
+        voc_convention=cfg.eval.voc_convention,
     )
 
 
@@ -100,13 +102,17 @@ def evaluate(
     if dist.is_distributed():
         return _evaluate_sharded(detector, dataset, cfg, device, progress, keep_detections)
     evaluator = make_evaluator(cfg, dataset.class_names)
-    kept: list[dict[str, np.ndarray]] | None = [None] * len(dataset) if keep_detections else None  # type: ignore[list-item]
+    video = is_video_dataset(dataset.records)  # the stability step needs every frame's detections
+    kept: list[dict[str, np.ndarray]] | None = [None] * len(dataset) if keep_detections or video else None  # type: ignore[list-item]
     for indices, dets in predict_batches(detector, dataset, cfg, device, progress=progress):
         evaluator.update([dataset.records[i] for i in indices], dets)
         if kept is not None:
             for i, d in zip(indices, dets):
                 kept[i] = d
-    return evaluator.compute(), kept
+    result = evaluator.compute()
+    if video:
+        add_stability(result, dataset.records, kept, dataset.class_names, cfg.eval.display_threshold)
+    return result, kept if keep_detections else None
 
 
 def shard_batches(size: int, batch_size: int, rank: int, world_size: int) -> list[int]:
@@ -144,5 +150,8 @@ def _evaluate_sharded(
         evaluator = make_evaluator(cfg, dataset.class_names)
         evaluator.update([dataset.records[i] for i, _ in pairs], [d for _, d in pairs])  # single-process order
         result = evaluator.compute()
+        if is_video_dataset(dataset.records):
+            add_stability(result, dataset.records, [d for _, d in pairs], dataset.class_names,
+                          cfg.eval.display_threshold)
         kept = [d for _, d in pairs] if keep_detections else None
     return dist.broadcast_object(result), kept

@@ -1,10 +1,13 @@
 """Mixed precision: autocast, loss scaling, and selective fp32 (seed 002, DESIGN.md section 3).
 
-- ``resolve_dtype`` / ``autocast_context``: fp16 autocast on a GPU, bf16 on the CPU (native
-  bf16 doubles matmul throughput there, DESIGN.md section 6); nothing when ``amp`` is off.
+- ``resolve_dtype`` / ``autocast_context``: fp16 autocast on a GPU (bf16 where it supports it),
+  bf16 on the CPU; nothing when ``amp`` is off. Whether ``amp: auto`` turns it on is measured
+  (engine/calibrate.py): bf16 doubles the speed on a CPU with native bf16 and is about ten
+  times slower on one without (AVX2).
 - Selective fp32: numerically fragile operations (IoU, reducing thousands of small loss
   values, NMS, ...) run in fp32 when named in ``precision.force_fp32``. ONE predicate,
-  ``should_force_fp32(op_name, cfg)``, decides; ``fp32_region`` applies it.
+  ``should_force_fp32(op_name, cfg)``, decides; the components built with it (matcher, losses,
+  post-processors) cast their inputs to fp32 or pass ``dtype=torch.float32`` where it says so.
 - ``LossScaler``: fp16 needs loss scaling (its smallest normal is 6e-5, small gradients
   underflow); it wraps ``torch.amp.GradScaler``. bf16 and fp32 have fp32's exponent range
   and need none, but every mode checks the gradients for inf/nan and skips such a step
@@ -15,8 +18,8 @@ from __future__ import annotations
 
 import math
 import typing
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from collections.abc import Iterable
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
@@ -51,36 +54,9 @@ def should_force_fp32(op_name: str, precision_config: PrecisionConfig | None) ->
     return precision_config.amp is not False and op_name in precision_config.force_fp32
 
 
-def _to_fp32(t: Tensor) -> Tensor:
-    return t.float() if t.is_floating_point() else t
-
-
-def _identity(t: Tensor) -> Tensor:
-    return t
-
-
-@contextmanager
-def fp32_region(
-    op_name: str, precision_config: PrecisionConfig | None, device_type: str = "cpu"
-) -> Iterator[Callable[[Tensor], Tensor]]:
-    """Run a block in fp32 when ``should_force_fp32`` says so.
-
-    Disabling autocast is not enough: tensors produced earlier under autocast are already
-    bf16/fp16 and an op on them stays in that dtype. The region therefore yields a ``cast``
-    function for the block's inputs (fp32 when forced, identity otherwise)::
-
-        with fp32_region("loss_reduction", cfg.precision, device.type) as cast:
-            total = cast(per_prior_loss).sum()
-    """
-    if should_force_fp32(op_name, precision_config):
-        with torch.autocast(device_type, enabled=False):
-            yield _to_fp32
-    else:
-        yield _identity
-
-
 def resolve_dtype(cfg: PrecisionConfig, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype, or None when AMP is off. ``dtype: auto``: bf16 on the CPU, fp16 elsewhere.
+    """The autocast dtype, or None when AMP is off. ``dtype: auto``: bf16 on the CPU and on a GPU
+    that supports it (as ``calibrate.amp_dtype``), fp16 elsewhere.
 
     A run resolves ``amp: auto`` first (``calibrate.resolve_precision``, by measurement); an
     unresolved ``auto`` reaching here takes the unmeasured guess ``static_amp_guess``.
@@ -94,6 +70,8 @@ def resolve_dtype(cfg: PrecisionConfig, device: torch.device) -> torch.dtype | N
         return torch.float16
     if cfg.dtype == "bfloat16":
         return torch.bfloat16
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16  # fp32's exponent range: no loss scaling needed
     return torch.bfloat16 if device.type == "cpu" else torch.float16
 
 

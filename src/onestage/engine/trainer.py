@@ -48,6 +48,7 @@ from onestage.engine.calibrate import PrecisionDecision, mode_key, resolve_preci
 from onestage.engine.ema import ModelEMA
 from onestage.engine.evaluate import evaluate
 from onestage.engine.optim import build_optimizer, clip_grad
+from onestage.engine.preflight import check_resume, check_trainable_batch, new_run_dir
 from onestage.engine.precision import LossScaler, autocast_context
 from onestage.engine.schedule import LRScheduler
 from onestage.engine.signals import (
@@ -169,11 +170,10 @@ class TrainState:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
-def make_run_dir(cfg: Config, config_path: str | Path | None) -> Path:
-    name = cfg.train.name or f"{Path(config_path).stem if config_path else 'run'}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run_dir = Path(cfg.train.out_dir) / name
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir
+def make_run_dir(cfg: Config, config_path: str | Path | None, overwrite: bool = False) -> Path:
+    """A new run's folder; an existing ``train.name`` run is refused unless ``overwrite`` (engine/preflight.py)."""
+    return new_run_dir(cfg.train.out_dir, cfg.train.name, Path(config_path).stem if config_path else "run",
+                       overwrite=overwrite)
 
 
 def _loader(dataset: DetectionDataset, sampler: EpochSampler, cfg: Config) -> DataLoader:
@@ -336,14 +336,21 @@ def _set_up(cfg: Config, run_dir: Path, resume: bool, progress: bool, device: to
     detector = build_detector(
         cfg, train_ds.class_names, positives_normalizer=dist.positives_across_ranks if world > 1 else None
     )
-    if cfg.dist.sync_bn and world > 1:
-        detector.model = dist.convert_sync_batchnorm(detector.model, device)
     model = detector.model.to(device)
+    check_trainable_batch(
+        model, min(cfg.train.batch_size, len(train_ds) // world), world, input_size=cfg.model.input_size,
+        sync_bn=cfg.dist.sync_bn,
+    )
+    # Measured on rank 0 alone, so before SyncBatchNorm (whose forward is a collective) goes in.
     decision = _choose_precision(cfg, model, device, run_dir, main)
     cfg = cfg.model_copy(update={"precision": decision.apply(cfg.precision)})  # concrete from here on
+    if cfg.dist.sync_bn and world > 1:
+        detector.model = model = dist.convert_sync_batchnorm(model, device)
     if cfg.precision.channels_last:
         model = model.to(memory_format=torch.channels_last)
     detector.criterion.to(device)
+    # DDP copies rank 0's weights to every rank here: before the EMA takes its first copy.
+    ddp_model = dist.wrap_ddp(model, device)  # the training forward only; `model` stays the bare one
     if main:
         (run_dir / "config.yaml").write_text(dump_config(cfg))
 
@@ -360,7 +367,7 @@ def _set_up(cfg: Config, run_dir: Path, resume: bool, progress: bool, device: to
     run = Run(
         cfg=cfg, run_dir=run_dir, device=device, world=world, main=main, progress=progress and main,
         train_ds=train_ds, val_ds=val_ds, detector=detector, model=model,
-        ddp_model=dist.wrap_ddp(model, device),  # the training forward only; `model` stays the bare one
+        ddp_model=ddp_model,
         sampler=sampler, loader=loader, optimizer=optimizer, scheduler=scheduler,
         scaler=LossScaler(cfg.precision, device), ema=ema, state=TrainState(),
         metrics=MetricsLog(run_dir / "metrics.csv", write=main), budget=None, train_mosaic=train_ds.mosaic,
@@ -449,6 +456,8 @@ def _train_epoch(run: Run, max_steps: int | None) -> str | None:
     """Train the rest of the current epoch. Returns why it ended early ("terminated",
     "max_steps", "time_budget") or None when every batch was seen."""
     state, cfg = run.state, run.cfg
+    if run.budget is not None and not run.budget.next_step_fits():
+        return "time_budget"  # e.g. set-up and the calibrated step time already fill the budget
     _start_epoch(run)
     bar = tqdm(
         total=run.batches_per_epoch, initial=state.batch_in_epoch, disable=not run.progress, dynamic_ncols=True,
@@ -644,5 +653,6 @@ def _summary(run: Run, stop_reason: str) -> dict[str, Any]:
 
 
 def load_run_config(run_dir: Path) -> Config:
-    """The resolved config a run was started with (for ``--resume``)."""
+    """The resolved config a run was started with (for ``--resume``), checked against its last.pt."""
+    check_resume(run_dir)
     return load_config(run_dir / "config.yaml")

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Literal, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Literal, Mapping, Sequence
 
 import numpy as np
 
@@ -28,7 +28,10 @@ from onestage.eval.coco import (
     detections_to_coco_results,
     records_to_coco_gt,
 )
-from onestage.eval.voc import VocMetric, evaluate_voc
+from onestage.eval.voc import VocConvention, VocMetric, evaluate_voc, resolve_convention
+
+if TYPE_CHECKING:
+    from onestage.eval.tide import TideResult
 
 MetricName = Literal["voc", "coco"]
 
@@ -55,6 +58,9 @@ class EvalResult:
     scores: list[np.ndarray] = field(repr=False)  # C arrays (M_c,)
     iou_threshold: float = 0.5
     voc_metric: VocMetric = "area"
+    tide: TideResult | None = None  # a TideResult when TIDE ran (eval.tide.add_tide); result_to_json carries it
+    # video data: eval.stability.StabilityResult (added by eval.stability_report.add_stability)
+    stability: Any = field(default=None, repr=False)
 
     @property
     def voc_key(self) -> str:
@@ -91,6 +97,7 @@ class Evaluator:
         iou_threshold: float = 0.5,
         voc_metric: VocMetric = "area",
         category_ids: list[int] | None = None,
+        voc_convention: VocConvention = "continuous",
     ) -> None:
         unknown = set(metrics) - {"voc", "coco"}
         if unknown:
@@ -107,6 +114,7 @@ class Evaluator:
         self.metrics = tuple(metrics)
         self.iou_threshold = float(iou_threshold)
         self.voc_metric: VocMetric = voc_metric
+        self.voc_convention: VocConvention = resolve_convention(voc_convention)
         # COCO category id of each label; 1..C unless the dataset brought its own (COCO 1-90).
         self.category_ids = list(category_ids) if category_ids is not None else list(range(1, len(class_names) + 1))
         self._images: list[_StoredImage] = []
@@ -162,7 +170,8 @@ class Evaluator:
         """Metrics over everything added since the last ``reset``."""
         gts = [(im.gt_boxes, im.gt_labels, im.gt_difficult) for im in self._images]
         dets = [(im.det_boxes, im.det_scores, im.det_labels) for im in self._images]
-        voc = evaluate_voc(gts, dets, len(self.class_names), self.iou_threshold, self.voc_metric)
+        voc = evaluate_voc(gts, dets, len(self.class_names), self.iou_threshold, self.voc_metric,
+                           convention=self.voc_convention)
         key = voc_key(self.iou_threshold)
         metrics: dict[str, float] = {}
         if "voc" in self.metrics:
@@ -237,6 +246,10 @@ def format_table(result: EvalResult) -> str:
         f"{'mean':<{width}}  {_fmt(mean):>{col}}  {_fmt(mean_other):>{ocol}}  {sum(r.num_gt for r in rows):>7d}  "
         f"{sum(r.num_det for r in rows):>8d}"
     )
+    if result.stability is not None:
+        from onestage.eval.stability import format_stability
+
+        lines += ["", format_stability(result.stability)]
     return "\n".join(lines)
 
 
@@ -246,8 +259,9 @@ def _json_float(x: float) -> float | None:
 
 
 def result_to_json(result: EvalResult) -> dict[str, Any]:
-    """A JSON-ready dict (metrics, per-class rows, settings); NaN becomes null."""
-    return {
+    """A JSON-ready dict (metrics, per-class rows, settings); NaN becomes null. On video data
+    the stability figures come as top-level keys too (``eval.stability.stability_to_json``)."""
+    out: dict[str, Any] = {
         "metrics": {k: _json_float(v) for k, v in result.metrics.items()},
         "per_class": [
             {"name": r.name, "ap": _json_float(r.ap), "num_gt": r.num_gt, "num_det": r.num_det}
@@ -256,3 +270,12 @@ def result_to_json(result: EvalResult) -> dict[str, Any]:
         "iou_threshold": result.iou_threshold,
         "voc_metric": result.voc_metric,
     }
+    if result.stability is not None:
+        from onestage.eval.stability import stability_to_json
+
+        out.update(stability_to_json(result.stability))
+    if result.tide is not None:
+        from onestage.eval.tide import tide_to_json
+
+        out["tide"] = tide_to_json(result.tide)
+    return out

@@ -14,11 +14,20 @@ positive) when it is taken, a false positive below the threshold. A detection wh
 object is ``difficult`` is ignored: neither true nor false positive, and difficult objects
 are not counted in the recall denominator.
 
-Two deliberate choices, documented because references differ on them:
-- the sort is *stable*, so tied scores keep image order and then detection order, and the
-  result does not depend on numpy's quicksort;
-- coordinates are continuous (no +1 pixel) and a match needs IoU >= threshold, as COCO.
-  ``legacy=True`` restores the old devkit: +1 pixel on widths and heights, strict ``>``.
+The sort is *stable*, so tied scores keep image order and then detection order, and the
+result does not depend on numpy's quicksort.
+
+Conventions (``convention``), because the references differ on two points, the pixel
+width of a box and whether IoU equal to the threshold matches (DESIGN.md section 3):
+- ``continuous`` (the default): widths x2 - x1 (no +1 pixel) and a match at IoU >= threshold,
+  as COCO's evaluation; what torchmetrics' and most recent libraries' VOC-style mAP use.
+- ``devkit``: the official VOC devkit ``VOCevaldet.m`` (the numbers of the VOC challenge
+  and of the papers that ran it: Fast/Faster R-CNN's published VOC tables, SSD, YOLOv2):
+  widths x2 - x1 + 1 and a match at ``ov >= VOCopts.minoverlap``.
+- ``voc_eval_py``: py-faster-rcnn's ``voc_eval.py`` and its many copies (mmdetection's
+  and Detectron's VOC evaluators, chainercv, most PyTorch SSD/YOLO ports): widths + 1 and
+  a strict ``ovmax > ovthresh``, so a detection at exactly IoU 0.5 is a false positive there.
+``legacy=True`` is the older name of ``voc_eval_py``.
 
 The mean AP averages the classes that have at least one non-difficult object; a class
 without any has AP nan and is left out of the mean (averaging a 0 in would punish a model
@@ -36,6 +45,24 @@ import torch
 from onestage.boxes import box_iou
 
 VocMetric = Literal["area", "11point"]
+VocConvention = Literal["continuous", "devkit", "voc_eval_py"]
+# convention -> (+1 pixel on widths and heights, IoU equal to the threshold matches)
+CONVENTIONS: dict[str, tuple[bool, bool]] = {
+    "continuous": (False, True),
+    "devkit": (True, True),
+    "voc_eval_py": (True, False),
+}
+
+
+def resolve_convention(convention: str | None, legacy: bool = False) -> VocConvention:
+    """The convention asked for (``legacy=True`` is the old name of ``voc_eval_py``)."""
+    if convention is None:
+        return "voc_eval_py" if legacy else "continuous"
+    if convention not in CONVENTIONS:
+        raise ValueError(f"VOC convention must be one of {', '.join(CONVENTIONS)}; got {convention!r}")
+    if legacy and convention != "voc_eval_py":
+        raise ValueError(f"legacy=True means convention 'voc_eval_py', not {convention!r}")
+    return convention  # type: ignore[return-value]
 
 # Recall thresholds of the VOC2007 11-point metric. Built with numpy.arange exactly as the
 # devkit ports do (voc_eval.py: ``for t in np.arange(0., 1.1, 0.1)``): some of these floats
@@ -87,15 +114,15 @@ def voc_ap(recall: np.ndarray, precision: np.ndarray, metric: VocMetric = "area"
     raise ValueError(f"voc_ap: metric must be 'area' or '11point', got {metric!r}")
 
 
-def iou_matrix(boxes1: np.ndarray, boxes2: np.ndarray, legacy: bool = False) -> np.ndarray:
+def iou_matrix(boxes1: np.ndarray, boxes2: np.ndarray, plus_one: bool = False) -> np.ndarray:
     """(K, 4) xyxy x (N, 4) xyxy -> (K, N) float64 IoU; zero union gives 0.
 
-    ``legacy``: the old devkit's pixel-inclusive convention, width = x2 - x1 + 1 (the boxes
-    grow by one pixel to the right and down, then the shared ``box_iou`` in float64).
+    ``plus_one``: the devkit's pixel-inclusive widths, x2 - x1 + 1 (the boxes grow by one
+    pixel to the right and down, then the shared ``box_iou`` in float64).
     """
     a = torch.from_numpy(np.asarray(boxes1, dtype=np.float64).reshape(-1, 4))
     b = torch.from_numpy(np.asarray(boxes2, dtype=np.float64).reshape(-1, 4))
-    if legacy:
+    if plus_one:
         grow = torch.tensor([0.0, 0.0, 1.0, 1.0], dtype=torch.float64)
         a, b = a + grow, b + grow
     return box_iou(a, b, dtype=torch.float64).numpy()
@@ -119,6 +146,7 @@ def match_image(
     det_labels: np.ndarray,
     iou_threshold: float = 0.5,
     legacy: bool = False,
+    convention: VocConvention | None = None,
 ) -> ImageMatch:
     """Match one image's detections to its objects, VOC style (see the module docstring).
 
@@ -133,7 +161,8 @@ def match_image(
     det_labels = np.asarray(det_labels).reshape(-1)
     k = len(det_boxes)
 
-    iou = iou_matrix(det_boxes, gt_boxes, legacy)  # (K, N)
+    plus_one, inclusive = CONVENTIONS[resolve_convention(convention, legacy)]
+    iou = iou_matrix(det_boxes, gt_boxes, plus_one)  # (K, N)
     same_class = det_labels[:, None] == gt_labels[None, :]  # (K, N)
     # -1 marks "not an object of this class" so that a real IoU of 0 still wins argmax.
     iou_same = np.where(same_class, iou, -1.0)
@@ -147,7 +176,7 @@ def match_image(
     gt_index = np.where(has_object, gt_index, -1).astype(np.int64)
     best = np.where(has_object, best, 0.0)
 
-    hit = has_object & ((best > iou_threshold) if legacy else (best >= iou_threshold))
+    hit = has_object & ((best >= iou_threshold) if inclusive else (best > iou_threshold))
     # A sentinel False at the end: gt_index -1 ("no object of this class") reads it.
     ignored = hit & np.append(difficult, False)[gt_index]
     candidate = hit & ~ignored
@@ -177,7 +206,7 @@ class VocResult:
     mean_ap: float  # mean of `ap` over classes with objects; nan if none has any
     metric: VocMetric
     iou_threshold: float
-    legacy: bool
+    convention: VocConvention
 
     def ap_as(self, metric: VocMetric) -> np.ndarray:
         """(C,) per-class AP recomputed from the stored curves with another metric."""
@@ -217,8 +246,10 @@ def evaluate_voc(
     iou_threshold: float = 0.5,
     metric: VocMetric = "area",
     legacy: bool = False,
+    convention: VocConvention | None = None,
 ) -> VocResult:
-    """VOC AP for every class of a dataset (see the module docstring for the rules)."""
+    """VOC AP for every class of a dataset (see the module docstring for the rules and conventions)."""
+    convention = resolve_convention(convention, legacy)
     if len(gts) != len(dets):
         raise ValueError(f"evaluate_voc: {len(gts)} ground-truth images but {len(dets)} detection images")
     if metric not in ("area", "11point"):
@@ -242,7 +273,8 @@ def evaluate_voc(
             raise ValueError(f"evaluate_voc: image {i}: ground-truth boxes, labels and difficult differ in length")
         _check_labels(g_labels, num_classes, "ground-truth", i)
         _check_labels(d_labels, num_classes, "detection", i)
-        match = match_image(g_boxes, g_labels, g_diff, d_boxes, d_scores, d_labels, iou_threshold, legacy)
+        match = match_image(g_boxes, g_labels, g_diff, d_boxes, d_scores, d_labels, iou_threshold,
+                            convention=convention)
         gt_label_parts.append(g_labels[~g_diff])
         status_parts.append(match.status)
         score_parts.append(d_scores)
@@ -285,5 +317,5 @@ def evaluate_voc(
         mean_ap=mean_over_present(ap, num_gt),
         metric=metric,
         iou_threshold=float(iou_threshold),
-        legacy=legacy,
+        convention=convention,
     )

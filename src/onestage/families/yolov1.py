@@ -19,7 +19,7 @@ from onestage.assign.ssd import BACKGROUND
 from onestage.assign.yolov1 import build_yolov1_targets
 from onestage.families import Assignment, LayoutRow, positives_per_object
 from onestage.coders import yolov1_activate
-from onestage.losses.yolov1 import predictor_ious, responsible_predictors
+from onestage.losses.yolov1 import predictor_ious, predictor_rmse, responsible_predictors
 from onestage.postprocess.yolov1 import YOLOv1PostProcessor
 
 
@@ -54,11 +54,15 @@ class YOLOv1Family:
         int64, 1 for an object whose cell went to a larger object.
         """
         targets = build_yolov1_targets(gt_boxes, gt_labels, self.S, self.num_classes)
+        rmse = None
         if outputs is None:
             iou = torch.zeros(*targets.obj.shape, self.B, device=gt_boxes.device)
         else:
-            iou = predictor_ious(yolov1_activate(outputs.float(), self.B, self.num_classes), targets)
-        resp = responsible_predictors(iou, targets.obj)  # (B, S, S, B)
+            # The darknet preset (linear outputs) breaks zero-IoU ties by RMSE, as its loss does.
+            pred = yolov1_activate(outputs.float(), self.B, self.num_classes, linear=self.post.linear)
+            iou = predictor_ious(pred, targets)
+            rmse = predictor_rmse(pred, targets) if self.post.linear else None
+        resp = responsible_predictors(iou, targets.obj, rmse)  # (B, S, S, B)
         owner = targets.gt_index[..., None].expand_as(resp)  # (B, S, S, B)
         roles = torch.where(resp, owner, BACKGROUND).reshape(gt_boxes.shape[0], -1)  # (B, S*S*B)
         valid = gt_labels >= 0

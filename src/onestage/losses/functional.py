@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Literal
 
 import torch
@@ -29,3 +30,17 @@ def smooth_l1(pred: Tensor, target: Tensor, beta: float = 1.0, reduction: Reduct
     if reduction == "none":
         return per_box
     raise ValueError(f"reduction must be 'sum', 'mean' or 'none', got {reduction!r}")
+
+
+def weighted_terms(raw: Mapping[str, Tensor], weights: Mapping[str, float]) -> dict[str, Tensor]:
+    """What every criterion returns: each raw term times its weight, then "total", their sum.
+
+    The weights are kept apart from the raw terms (DESIGN.md section 2): a criterion computes
+    unweighted terms, and its ``weights`` dict (term name -> weight) says how they add up, so
+    that the raw value of a term is ``terms[name] / weights[name]`` wherever it is logged.
+    """
+    if set(raw) != set(weights):
+        raise ValueError(f"terms {sorted(raw)} and weights {sorted(weights)} must name the same terms")
+    terms = {name: weights[name] * value for name, value in raw.items()}
+    terms["total"] = sum(terms.values(), torch.zeros_like(next(iter(raw.values()))))
+    return terms

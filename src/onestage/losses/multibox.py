@@ -15,7 +15,7 @@ from onestage.assign.ssd import BACKGROUND, match_ssd
 from onestage.boxes import paired_giou
 from onestage.coders import ssd_decode, ssd_encode
 from onestage.config import LossConfig, MatcherConfig
-from onestage.losses.functional import smooth_l1
+from onestage.losses.functional import smooth_l1, weighted_terms
 
 
 def hard_negative_mask(neg_loss: Tensor, candidates: Tensor, num_pos: Tensor, ratio: float) -> Tensor:
@@ -111,10 +111,11 @@ class MultiboxLoss(nn.Module):
         else:
             n = num_pos.clamp(min=1).to(ce.dtype)
             loc_loss, cls_loss = (loc_per_image / n).mean(), (cls_per_image / n).mean()
-        loc_loss = self.cfg.alpha * loc_loss
-        return {
-            "loc": loc_loss,
-            "cls": cls_loss,
-            "total": loc_loss + cls_loss,
-            "num_pos": num_pos.sum().detach().float(),
-        }
+        terms = weighted_terms({"loc": loc_loss, "cls": cls_loss}, self.weights)
+        terms["num_pos"] = num_pos.sum().detach().float()
+        return terms
+
+    @property
+    def weights(self) -> dict[str, float]:
+        """L = (L_conf + alpha L_loc) / N (SSD paper eq. 1)."""
+        return {"loc": self.cfg.alpha, "cls": 1.0}

@@ -31,6 +31,23 @@ gradients are large: start SGD near lr 1e-3 (the paper's first rate, section 2.2
 warmup; a much higher rate from scratch can saturate the sigmoids for good.
 Returns the already weighted terms and their sum:
 {"coord_xy", "coord_wh", "obj", "noobj", "cls", "total"}.
+
+``preset="darknet"``: exactly Darknet's detection layer (``forward_detection_layer`` in
+``src/detection_layer.c`` with yolov1.cfg: ``softmax=0 sqrt=1 rescore=1``, coord_scale 5,
+noobject_scale .5, object_scale 1, class_scale 1). Two differences from the default:
+- linear outputs (``yolov1_activate(linear=True)``): x, y, sqrt(w), sqrt(h), confidence and
+  the class scores are the raw values, which is what Darknet trains on;
+- the responsible predictor: the highest IoU (the first of equal positive IoUs, Darknet's
+  ``iou > best_iou``), and when no predictor overlaps the object (every IoU 0, as is common
+  early in training) the one with the smallest RMSE between (x/S, y/S, w, h) of the predicted
+  box and of the truth (Darknet's ``box_rmse``), not the lowest index.
+Darknet's deltas are ``scale * (target - output)`` and its gradient is their negation, so
+with lambda_coord = coord_scale and lambda_noobj = noobject_scale this loss times N equals
+sum(delta^2 / scale) over Darknet's deltas, and its gradient times N is -2 delta. What the
+preset gives up: a linear sqrt(w) may be negative (w = s^2 stays >= 0) and unbounded outputs
+may diverge at high learning rates, which the default's bounded activations rule out. The
+objects of a cell are chosen as in the default (the largest; Darknet's data loader keeps the
+first of its randomly shuffled labels).
 """
 
 from __future__ import annotations
@@ -42,9 +59,11 @@ from torch import Tensor, nn
 
 from onestage.assign.yolov1 import YoloV1Targets, build_yolov1_targets
 from onestage.boxes import box_iou
+from onestage.losses.functional import weighted_terms
 from onestage.coders import YOLOv1Prediction, check_yolov1_outputs, yolov1_activate, yolov1_cell_decode
 
 ConfTarget = Literal["iou", "one"]
+Preset = Literal["darknet"]
 
 
 def predictor_ious(pred: YOLOv1Prediction, targets: YoloV1Targets, dtype: torch.dtype = torch.float32) -> Tensor:
@@ -57,14 +76,30 @@ def predictor_ious(pred: YOLOv1Prediction, targets: YoloV1Targets, dtype: torch.
     return iou.float() * targets.obj[..., None]
 
 
-def responsible_predictors(iou: Tensor, obj: Tensor) -> Tensor:
+def predictor_rmse(pred: YOLOv1Prediction, targets: YoloV1Targets) -> Tensor:
+    """Darknet's ``box_rmse`` of each predictor's box with its cell's object: (N, S, S, B).
+
+    Both boxes as (x / S, y / S, w, h): centre offsets in image fractions (the same cell, so
+    the cell's position cancels) and sizes. Detached: it only breaks ties of the choice.
+    """
+    s = pred.xy.shape[1]
+    scale = torch.tensor([1.0 / s, 1.0 / s, 1.0, 1.0], device=pred.xy.device)
+    diff = (pred.cell_boxes.detach().float() - targets.cell_boxes[..., None, :].float()) * scale  # (N, S, S, B, 4)
+    return diff.square().sum(dim=-1).sqrt()
+
+
+def responsible_predictors(iou: Tensor, obj: Tensor, rmse: Tensor | None = None) -> Tensor:
     """1_ij^obj: (N, S, S, B) IoUs and (N, S, S) cell flags -> (N, S, S, B) bool.
 
     In each cell holding an object, the predictor with the highest IoU; ties go to the
     lowest index (``max`` returns the first of equal maxima), so the choice does not depend
-    on the device.
+    on the device. With ``rmse`` (N, S, S, B) (the Darknet preset), a cell where no predictor
+    overlaps its object (every IoU 0) takes the predictor of smallest RMSE instead.
     """
     best = iou.max(dim=-1).indices  # (N, S, S)
+    if rmse is not None:
+        no_overlap = iou.max(dim=-1).values <= 0  # (N, S, S)
+        best = torch.where(no_overlap, rmse.min(dim=-1).indices, best)
     one_hot = best[..., None] == torch.arange(iou.shape[-1], device=iou.device)  # (N, S, S, B)
     return one_hot & obj[..., None]
 
@@ -87,10 +122,15 @@ class YOLOv1Loss(nn.Module):
         lambda_noobj: float = 0.5,
         conf_target: ConfTarget = "iou",
         force_fp32: Callable[[str], bool] | None = None,
+        preset: Preset | None = None,
     ) -> None:
         super().__init__()
         if conf_target not in ("iou", "one"):
             raise ValueError(f"conf_target must be 'iou' or 'one', got {conf_target!r}")
+        if preset not in (None, "darknet"):
+            raise ValueError(f"preset must be 'darknet' or None, got {preset!r}")
+        self.preset = preset
+        self.linear = preset == "darknet"  # Darknet trains the raw outputs (module docstring)
         self.S = S
         self.B = B
         self.num_classes = num_classes
@@ -104,12 +144,13 @@ class YOLOv1Loss(nn.Module):
             raise ValueError(f"YOLOv1Loss expects an S={self.S} grid, got {outputs.shape[1]}x{outputs.shape[2]}")
         if self.force_fp32("loss_reduction"):
             outputs = outputs.float()
-        pred = yolov1_activate(outputs, self.B, self.num_classes)
+        pred = yolov1_activate(outputs, self.B, self.num_classes, linear=self.linear)
         targets = build_yolov1_targets(gt_boxes, gt_labels, self.S, self.num_classes)
         with torch.no_grad():
             iou_dtype = torch.float32 if self.force_fp32("iou") else torch.bfloat16
             iou = predictor_ious(pred, targets, iou_dtype)  # (N, S, S, B)
-            resp = responsible_predictors(iou, targets.obj)  # (N, S, S, B) 1_ij^obj
+            rmse = predictor_rmse(pred, targets) if self.preset == "darknet" else None
+            resp = responsible_predictors(iou, targets.obj, rmse)  # (N, S, S, B) 1_ij^obj
             conf_target = iou if self.conf_target == "iou" else torch.ones_like(iou)
             target_xy = targets.cell_boxes[..., None, :2]  # (N, S, S, 1, 2)
             target_sqrt_wh = targets.cell_boxes[..., None, 2:].clamp(min=0).sqrt()  # (N, S, S, 1, 2)
@@ -124,12 +165,11 @@ class YOLOv1Loss(nn.Module):
         noobj = (noobj_f * pred.conf.square()).sum()  # target confidence 0
         cls = (targets.obj[..., None] * (pred.class_probs - targets.class_one_hot.to(dtype)).square()).sum()
 
-        terms = {
-            "coord_xy": self.lambda_coord * coord_xy / n,
-            "coord_wh": self.lambda_coord * coord_wh / n,
-            "obj": obj / n,
-            "noobj": self.lambda_noobj * noobj / n,
-            "cls": cls / n,
-        }
-        terms["total"] = sum(terms.values(), torch.zeros((), dtype=dtype, device=outputs.device))
-        return terms
+        raw = {"coord_xy": coord_xy / n, "coord_wh": coord_wh / n, "obj": obj / n, "noobj": noobj / n, "cls": cls / n}
+        return weighted_terms(raw, self.weights)
+
+    @property
+    def weights(self) -> dict[str, float]:
+        """The paper's lambda_coord on both box terms and lambda_noobj on the empty predictors (eq. 3)."""
+        return {"coord_xy": self.lambda_coord, "coord_wh": self.lambda_coord, "obj": 1.0,
+                "noobj": self.lambda_noobj, "cls": 1.0}

@@ -9,7 +9,10 @@ Seed 000 and DESIGN.md section 3, per scale, summed over the scales:
 - ``obj``: BCE-with-logits of the objectness against 1 on positives;
 - ``noobj``: BCE-with-logits against 0 on the negatives that are not ignored;
 - ``cls``: BCE-with-logits per class (independent sigmoids, YOLOv3 paper section 2.2) on
-  positives, one-hot targets.
+  positives. Target: one-hot of the slot's object (``class_collisions="last"``, the
+  default: when two objects share a (cell, anchor) the later one's class alone), or the
+  multi-hot union of the classes of every object that landed on the slot
+  (``class_collisions="union"``, Darknet's ``delta_yolo_class``).
 Every term is returned already weighted, with ``total`` their sum (docs/contracts.md).
 
 Reduction. ``sum`` (default): each term summed over all scales, anchors and cells, divided
@@ -30,11 +33,12 @@ derivative), so for the raw outputs z:
   with ``wh_weight=0.5``;
 - scale = 2 - w h -> ``box_weight_2wh=True``;
 - obj / noobj / classes: 1 - sigmoid(z), -sigmoid(z), onehot - sigmoid(z): plain BCE ->
-  weights 1;
+  weights 1; two objects on one slot: the later object's box deltas overwrite the earlier
+  one's, its class delta is added beside the earlier class's -> ``class_collisions="union"``;
 - ignore by prediction at ``ignore_thresh=.7`` (yolov3.cfg), the best of all 9 anchors
   (``assign_mode="global"``), ``reduction="sum"``.
 The preset replaces exactly those settings (xy_loss, wh_loss, wh_weight, box_weight_2wh,
-assign_mode, ignore_by, ignore_thres, reduction); the term weights obj/noobj/cls/box keep
+assign_mode, ignore_by, ignore_thres, reduction, class_collisions); the term weights obj/noobj/cls/box keep
 the values given (1.0 by default, as Darknet). All losses are computed in fp32.
 """
 
@@ -49,11 +53,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from onestage.assign.yolov3 import AssignMode, IgnoreBy, YoloTargets, assign_yolov3
-from onestage.losses.functional import smooth_l1
+from onestage.losses.functional import smooth_l1, weighted_terms
 from onestage.coders import check_yolov3_outputs, yolov3_decode_boxes
 
 XYLoss = Literal["mse", "bce"]
 WHLoss = Literal["mse", "smooth_l1"]
+ClassCollisions = Literal["last", "union"]
 TERMS: tuple[str, ...] = ("xy", "wh", "obj", "noobj", "cls")
 
 
@@ -69,6 +74,7 @@ class LossSettings:
     ignore_by: IgnoreBy
     ignore_thres: float
     reduction: Literal["sum", "mean"]
+    class_collisions: ClassCollisions = "last"
 
 
 # What preset="darknet" sets: Darknet's yolo_layer.c gradient with yolov3.cfg (module docstring).
@@ -81,6 +87,7 @@ DARKNET_PRESET = LossSettings(
     ignore_by="prediction",
     ignore_thres=0.7,
     reduction="sum",
+    class_collisions="union",
 )
 
 
@@ -109,6 +116,7 @@ class YOLOv3Loss(nn.Module):
         assign_mode: AssignMode = "global",
         ignore_by: IgnoreBy = "prediction",
         ignore_thres: float = 0.5,
+        class_collisions: ClassCollisions = "last",
         preset: Literal["darknet"] | None = None,
     ) -> None:
         super().__init__()
@@ -123,6 +131,7 @@ class YOLOv3Loss(nn.Module):
             ignore_by=ignore_by,
             ignore_thres=ignore_thres,
             reduction=reduction,
+            class_collisions=class_collisions,
         )
         if preset == "darknet":
             settings = DARKNET_PRESET
@@ -131,6 +140,7 @@ class YOLOv3Loss(nn.Module):
         _check_choice("reduction", settings.reduction, ("sum", "mean"))
         _check_choice("assign_mode", settings.assign_mode, ("global", "per_scale"))
         _check_choice("ignore_by", settings.ignore_by, ("prediction", "anchor"))
+        _check_choice("class_collisions", settings.class_collisions, ("last", "union"))
         weights = dict(noobj=noobj_weight, obj=obj_weight, cls=cls_weight, box=box_weight, wh=settings.wh_weight)
         negative = {k: v for k, v in weights.items() if v < 0}
         if negative:
@@ -151,6 +161,7 @@ class YOLOv3Loss(nn.Module):
         self.assign_mode = settings.assign_mode
         self.ignore_by = settings.ignore_by
         self.ignore_thres = float(settings.ignore_thres)
+        self.class_collisions = settings.class_collisions
         self.num_scales = len(anchors)
         for s, anc in enumerate(anchors):
             group = torch.as_tensor(anc, dtype=torch.float32).reshape(-1, 2)
@@ -166,7 +177,8 @@ class YOLOv3Loss(nn.Module):
             f"num_classes={self.num_classes}, preset={self.preset}, xy_loss={self.xy_loss}, wh_loss={self.wh_loss}, "
             f"box_weight_2wh={self.box_weight_2wh}, weights(box={self.box_weight}, wh={self.wh_weight}, "
             f"obj={self.obj_weight}, noobj={self.noobj_weight}, cls={self.cls_weight}), reduction={self.reduction}, "
-            f"assign_mode={self.assign_mode}, ignore_by={self.ignore_by}, ignore_thres={self.ignore_thres}"
+            f"assign_mode={self.assign_mode}, ignore_by={self.ignore_by}, ignore_thres={self.ignore_thres}, "
+            f"class_collisions={self.class_collisions}"
         )
 
     def forward(self, outputs: Sequence[Tensor], gt_boxes: Tensor, gt_labels: Tensor) -> dict[str, Tensor]:
@@ -192,24 +204,21 @@ class YOLOv3Loss(nn.Module):
             )
             sums, counts = self._raw_terms(raw, targets)
         batch = outputs[0].shape[0]
-        terms: dict[str, Tensor] = {}
-        for name in TERMS:
-            if self.reduction == "sum":
-                value = sums[name] / batch
-            else:
-                value = sums[name] / max(counts[name], 1)
-            terms[name] = self._weight(name) * value
-        terms["total"] = sum(terms[name] for name in TERMS)  # type: ignore[assignment]
-        return terms
+        if self.reduction == "sum":
+            raw_terms = {name: sums[name] / batch for name in TERMS}
+        else:
+            raw_terms = {name: sums[name] / max(counts[name], 1) for name in TERMS}
+        return weighted_terms(raw_terms, self.weights)
 
-    def _weight(self, name: str) -> float:
+    @property
+    def weights(self) -> dict[str, float]:
         return {
             "xy": self.box_weight,
             "wh": self.box_weight * self.wh_weight,
             "obj": self.obj_weight,
             "noobj": self.noobj_weight,
             "cls": self.cls_weight,
-        }[name]
+        }
 
     def _raw_terms(self, raw: list[Tensor], targets: list[YoloTargets]) -> tuple[dict[str, Tensor], dict[str, int]]:
         """Unweighted, unreduced sums of each term over all scales, and their element counts."""
@@ -234,14 +243,22 @@ class YOLOv3Loss(nn.Module):
             sums["noobj"] = sums["noobj"] + F.binary_cross_entropy_with_logits(
                 neg_logits, torch.zeros_like(neg_logits), reduction="sum"
             )
-            onehot = F.one_hot(t.tcls[t.obj_mask], self.num_classes).float()  # (P, C)
-            sums["cls"] = sums["cls"] + F.binary_cross_entropy_with_logits(pos[:, 5:], onehot, reduction="sum")
+            cls_target = self._class_target(t)  # (P, C)
+            sums["cls"] = sums["cls"] + F.binary_cross_entropy_with_logits(pos[:, 5:], cls_target, reduction="sum")
             counts["xy"] += num_pos
             counts["wh"] += num_pos
             counts["obj"] += num_pos
             counts["noobj"] += int(neg_logits.shape[0])
             counts["cls"] += num_pos * self.num_classes
         return sums, counts
+
+    def _class_target(self, t: YoloTargets) -> Tensor:
+        """(P, C) float class target of the positives, in ``t.obj_mask`` order (module docstring)."""
+        if self.class_collisions == "last":
+            return F.one_hot(t.tcls[t.obj_mask], self.num_classes).float()
+        multi_hot = torch.zeros(t.obj_mask.numel(), self.num_classes, device=t.obj_mask.device)  # (B*A*H*W, C)
+        multi_hot[t.cls_slots[:, 0], t.cls_slots[:, 1]] = 1.0
+        return multi_hot[t.obj_mask.reshape(-1)]
 
     def _xy(self, logits: Tensor, target: Tensor) -> Tensor:
         """(P, 2) raw t_x, t_y and targets in [0, 1] -> (P,) per-object loss."""

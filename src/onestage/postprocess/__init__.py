@@ -135,7 +135,7 @@ def select_detections(
 
     flat_scores = torch.where(keep, top_scores, -1.0).reshape(batch, -1)
     m = min(max_detections, flat_scores.shape[1])
-    best, best_idx = flat_scores.topk(m, dim=1)  # (B, m), descending
+    best, best_idx = _top_k(flat_scores, m)  # (B, m), descending
     flat_boxes = top_boxes.reshape(batch, -1, 4).float()
     flat_labels = labels_of.reshape(batch, -1)
     results = []
@@ -147,8 +147,8 @@ def select_detections(
 
 
 def _top_k(values: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """The k largest along the last dim, descending; equal values in index order when all
-    are kept (a stable sort), so that the order does not depend on the device."""
-    if k == values.shape[-1]:
-        return values.sort(dim=-1, descending=True, stable=True)
-    return values.topk(k, dim=-1)
+    """The k largest along the last dim, descending; equal values in index order, also at
+    the cut (``stable_top_k``: the order ONNX's TopK defines), whatever the device."""
+    from onestage.postprocess.topk import stable_top_k
+
+    return stable_top_k(values, k)

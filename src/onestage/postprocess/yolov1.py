@@ -22,14 +22,14 @@ from onestage.coders import check_yolov1_outputs, yolov1_activate, yolov1_cell_d
 from onestage.postprocess import Detections, select_detections
 
 
-def decode_yolov1(outputs: Tensor, B: int, num_classes: int) -> tuple[Tensor, Tensor, Tensor]:
+def decode_yolov1(outputs: Tensor, B: int, num_classes: int, linear: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """Raw (N, S, S, 5B + C) -> the S*S*B candidate boxes (98 at S = 7, B = 2).
 
     Returns boxes (N, S*S*B, 4) xyxy normalized (not clipped), conf (N, S*S*B), and
     class_probs (N, S*S, C) per cell. Candidate index (i * S + j) * B + b; its class
     probabilities are row ``candidate // B`` of class_probs.
     """
-    pred = yolov1_activate(outputs, B, num_classes)
+    pred = yolov1_activate(outputs, B, num_classes, linear)
     n = outputs.shape[0]
     boxes = yolov1_cell_decode(pred.cell_boxes).reshape(n, -1, 4)  # (N, S*S*B, 4)
     return boxes, pred.conf.reshape(n, -1), pred.class_probs.reshape(n, -1, num_classes)
@@ -49,7 +49,7 @@ class YOLOv1PostProcessor:
     (image, class) at once: each class has only S*S*B candidates, so an (N, C, S*S*B, S*S*B)
     overlap tensor is small and no Python loop runs over images.
     ``force_fp32(op)`` is the precision predicate for "decode" and "nms"; without one,
-    both run in fp32.
+    both run in fp32. ``linear``: the outputs are Darknet's linear values (``yolov1_activate``).
     """
 
     S: int
@@ -59,6 +59,7 @@ class YOLOv1PostProcessor:
     nms_iou: float = 0.45
     max_detections: int = 100
     force_fp32: Callable[[str], bool] = lambda op: True
+    linear: bool = False
 
     def decode(self, outputs: Tensor) -> tuple[Tensor, Tensor]:
         """Raw outputs -> (boxes (N, S*S*B, 4) xyxy normalized clipped to [0, 1]; scores (N, S*S*B, C))."""
@@ -66,7 +67,7 @@ class YOLOv1PostProcessor:
             raise ValueError(f"YOLOv1PostProcessor expects an S={self.S} grid, got {outputs.shape[1]}x{outputs.shape[2]}")
         if self.force_fp32("decode"):
             outputs = outputs.float()
-        boxes, conf, class_probs = decode_yolov1(outputs, self.B, self.num_classes)
+        boxes, conf, class_probs = decode_yolov1(outputs, self.B, self.num_classes, self.linear)
         # Each predictor takes its cell's class distribution: (N, K, C).
         return clip_xyxy(boxes), conf[..., None] * class_probs.repeat_interleave(self.B, dim=1)
 
