@@ -19,7 +19,7 @@ $(BIN)/onestage: pyproject.toml
 setup: $(BIN)/onestage
 
 demo: setup
-	$(BIN)/onestage train configs/demo_shapes.yaml --overwrite
+	$(BIN)/onestage train configs/demo.yaml --overwrite
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -36,6 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ["circle", "square", "triangle"]
 # Every shipped config at a small size; what each keeps of its model is in the comment.
 SMALL = {
+    "demo": ["model.input_size=128"],  # SSD on the tiny backbone
     "demo_shapes": ["model.input_size=128", "model.width_mult=0.25"],  # SSDLite, MobileNetV2
     "raccoon_ssdlite": ["model.input_size=96", "model.width_mult=0.25"],
     "ssd300_mobilenetv2_voc": ["model.input_size=96", "model.width_mult=0.25", "model.extra_channels=[32,32,32]"],
