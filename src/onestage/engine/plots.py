@@ -16,7 +16,8 @@ def _read(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-def _series(rows: list[dict[str, str]], kind: str, key: str) -> tuple[list[float], list[float]]:
+def metric_series(rows: list[dict[str, str]], kind: str, key: str) -> tuple[list[float], list[float]]:
+    """(steps, values) of a metrics.csv column over the rows of one kind (``step`` / ``epoch``)."""
     xs, ys = [], []
     for row in rows:
         if row.get("kind") == kind and row.get(key) not in (None, ""):
@@ -40,7 +41,7 @@ def plot_training_curves(metrics_csv: Path, out_dir: Path) -> list[Path]:
         kind = "epoch" if name == "metrics.png" else "step"
         fig, ax = plt.subplots(figsize=(7, 4))
         for key in keys:
-            xs, ys = _series(rows, kind, key)
+            xs, ys = metric_series(rows, kind, key)
             if xs:
                 ax.plot(xs, ys, label=key, marker="o" if kind == "epoch" else None)
         ax.set_xlabel("optimizer step")

@@ -7,27 +7,18 @@ from typing import Any
 
 import plotly.graph_objects as go
 
+from onestage.engine.plots import metric_series
 from onestage.eval.tide import ERROR_DESCRIPTIONS, MAIN_ERRORS, SPECIAL_ERRORS
 
 LAYOUT = dict(margin=dict(l=60, r=20, t=40, b=50), height=360, template="plotly_white",
               legend=dict(orientation="h", y=-0.2))
 
 
-def _series(rows: list[dict[str, str]], kind: str, key: str) -> tuple[list[float], list[float]]:
-    """(steps, values) of a metrics.csv column over the rows of one kind (``step`` / ``epoch``)."""
-    xs, ys = [], []
-    for row in rows:
-        if row.get("kind") == kind and row.get(key) not in (None, ""):
-            xs.append(float(row["step"]))
-            ys.append(float(row[key]))
-    return xs, ys
-
-
 def _lines(rows: list[dict[str, str]], kind: str, keys: list[str], title: str, ytitle: str,
            log: bool = False) -> go.Figure | None:
     fig = go.Figure()
     for key in keys:
-        xs, ys = _series(rows, kind, key)
+        xs, ys = metric_series(rows, kind, key)
         if xs:
             fig.add_trace(go.Scatter(x=xs, y=ys, name=key, mode="lines+markers" if kind == "epoch" or len(xs) < 30
                                      else "lines"))
