@@ -381,7 +381,8 @@ def _set_up(cfg: Config, run_dir: Path, resume: bool, progress: bool, device: to
             cfg.train.time_budget * 60, val_batches, steps_per_epoch * cfg.train.eval_every,
             val_share=cfg.train.val_budget_share,
             elapsed_before=run.state.elapsed + time.perf_counter() - clock_start,  # set-up counts
-            step_estimate=decision.timings.get(mode_key(decision.dtype, decision.channels_last)),
+            # A fresh calibration's step time; a cached one may come from a busier (or idler) day.
+            step_estimate=None if decision.cached else decision.timings.get(mode_key(decision.dtype, decision.channels_last)),
         )
         if not resume:
             # A placeholder until the first steps measure the pace (re-planned every step);
@@ -456,8 +457,8 @@ def _train_epoch(run: Run, max_steps: int | None) -> str | None:
     """Train the rest of the current epoch. Returns why it ended early ("terminated",
     "max_steps", "time_budget") or None when every batch was seen."""
     state, cfg = run.state, run.cfg
-    if run.budget is not None and not run.budget.next_step_fits():
-        return "time_budget"  # e.g. set-up and the calibrated step time already fill the budget
+    if run.budget is not None and run.budget.step_times and not run.budget.next_step_fits():
+        return "time_budget"  # the measured pace says the epoch's first step would not fit
     _start_epoch(run)
     bar = tqdm(
         total=run.batches_per_epoch, initial=state.batch_in_epoch, disable=not run.progress, dynamic_ncols=True,
