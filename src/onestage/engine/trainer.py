@@ -362,7 +362,12 @@ def _set_up(cfg: Config, run_dir: Path, resume: bool, progress: bool, device: to
     lr_factor = world if cfg.dist.scale_lr else 1
     schedule_cfg = cfg.schedule.model_copy(update={"min_lr": cfg.schedule.min_lr * lr_factor})
     optimizer = build_optimizer(model, cfg.optim)
-    scheduler = LRScheduler(optimizer, schedule_cfg, cfg.optim.lr * lr_factor, cfg.train.epochs * steps_per_epoch)
+    total_steps = cfg.train.epochs * steps_per_epoch
+    if cfg.train.time_budget:
+        # A placeholder until the first steps measure the pace (re-planned every step; a resumed
+        # run restores its own); long enough that the warmup is not mistaken for the whole run.
+        total_steps = max(total_steps, 10 * cfg.schedule.warmup_steps + 1)
+    scheduler = LRScheduler(optimizer, schedule_cfg, cfg.optim.lr * lr_factor, total_steps)
     ema = ModelEMA.from_config(model, cfg.ema) if cfg.ema.enabled else None
     run = Run(
         cfg=cfg, run_dir=run_dir, device=device, world=world, main=main, progress=progress and main,
@@ -384,10 +389,6 @@ def _set_up(cfg: Config, run_dir: Path, resume: bool, progress: bool, device: to
             # A fresh calibration's step time; a cached one may come from a busier (or idler) day.
             step_estimate=None if decision.cached else decision.timings.get(mode_key(decision.dtype, decision.channels_last)),
         )
-        if not resume:
-            # A placeholder until the first steps measure the pace (re-planned every step);
-            # long enough that the warmup is not mistaken for the whole run.
-            scheduler.set_total_steps(max(scheduler.total_steps, 10 * cfg.schedule.warmup_steps + 1))
     return run
 
 
