@@ -241,7 +241,7 @@ class Run:
         if not self.main:
             return
         self.state.history = self.metrics.rows
-        self.state.elapsed = self.budget.elapsed() if self.budget is not None else self.elapsed()
+        self.state.elapsed = self.elapsed()
         save_checkpoint(self.run_dir / name, _checkpoint_state(self))
 
     def validate(self) -> dict[str, float]:
@@ -380,12 +380,13 @@ def _set_up(cfg: Config, run_dir: Path, resume: bool, progress: bool, device: to
     )
     if resume:
         _restore(run, rank)
+        run.start_time -= run.state.elapsed  # time_s and the summary count the whole run
     if cfg.train.time_budget:
         val_batches = math.ceil(len(val_ds) / (cfg.train.batch_size * world))
         run.budget = BudgetPlanner(
             cfg.train.time_budget * 60, val_batches, steps_per_epoch * cfg.train.eval_every,
             val_share=cfg.train.val_budget_share,
-            elapsed_before=run.state.elapsed + time.perf_counter() - clock_start,  # set-up counts
+            elapsed_before=run.elapsed(),  # the set-up counts, and a resumed run's earlier time
             # A fresh calibration's step time; a cached one may come from a busier (or idler) day.
             step_estimate=None if decision.cached else decision.timings.get(mode_key(decision.dtype, decision.channels_last)),
         )
