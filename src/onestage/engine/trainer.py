@@ -1,5 +1,10 @@
 """The training loop (seed 002): one loop, readable top to bottom.
 
+``train`` = ``_set_up`` (data, model, the precision chosen by measurement, optimizer,
+schedule, scaler, EMA, a resumed state, the budget planner) then, epoch by epoch,
+``_train_epoch`` (steps: ``_forward_backward``, ``_optimizer_step``, ``_after_step``) and
+``_end_of_epoch`` (validation, checkpoints, the stop decision; every stop goes through ``_stop``).
+
 Per step: batch -> forward under autocast -> assignment + loss (fp32 where forced) ->
 scaled backward -> unscale, clip -> optimizer step (skipped on non-finite gradients) ->
 EMA update -> LR for the next step. Per epoch: validation mAP with the EMA weights, last and
@@ -10,8 +15,8 @@ Several processes (torchrun; ``engine/distributed.py``): the same loop on every 
 model wrapped in DDP for the training forward only. Each rank takes its share of the same
 epoch permutation (``EpochSampler``) with ``train.batch_size`` images per step; the SSD loss
 divides by the positives of the global batch; loss values are averaged over ranks before
-the non-finite check, so all ranks skip the same steps; a SIGTERM or the time budget is
-agreed on once per step; validation is sharded and its metric broadcast. Rank 0 alone writes
+the non-finite check, so all ranks skip the same steps; a SIGTERM or the time budget
+(``engine/budget.py``: the whole run, rank 0's clock) is agreed on once per step; validation is sharded and its metric broadcast. Rank 0 alone writes
 files and prints. A failed collective (a dead or stuck rank) raises ``TrainingError``.
 """
 
@@ -301,8 +306,7 @@ def train(
     """
     with dist.collective_failures_as(TrainingError):
         run = _set_up(cfg, run_dir, resume, progress, device)
-        model = run.model
-        model.train()
+        run.model.train()
         with handle_termination():
             stop_reason = None
             while stop_reason is None:
