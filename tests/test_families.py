@@ -281,3 +281,31 @@ def test_predict_with_an_input_size_override_uses_the_checkpoints_size(trained_r
     det = load_detector(trained_run / "best.pt", config=ROOT / "configs" / "demo_shapes.yaml")
     assert det.input_size == 128 and det.transform.size == 128
     assert len(det.predict([np.zeros((50, 50, 3), np.uint8)], threshold=0.0)) == 1
+
+
+# ----------------------------------------------------------------------------- checkpoints written before the family interface
+@pytest.mark.parametrize("family_name", ["ssdlite", "yolov3", "yolov1"])
+def test_a_checkpoint_of_the_layout_before_loads_and_predicts(family_name, tmp_path):
+    """tests/data/old_checkpoints/*.json were written by the code before issue 16 (commit 3e74640):
+    its dumped config (top-level `matcher` / `loss`) and its model's state_dict keys and shapes.
+    The model built today from that config has the same keys and shapes, and a checkpoint in that
+    format loads with `load_detector` and predicts."""
+    import warnings
+
+    recorded = json.loads((ROOT / "tests" / "data" / "old_checkpoints" / f"{family_name}.json").read_text())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the note that matcher/loss moved under model.ssd
+        from onestage.api import checkpoint_config
+
+        cfg = checkpoint_config({"config": recorded["config"]}, "old")
+    det = build_detector(cfg, recorded["class_names"])
+    state = det.model.state_dict()
+    assert {k: list(v.shape) for k, v in state.items()} == recorded["state_dict_shapes"]
+    ckpt = tmp_path / "old.pt"
+    torch.save({"config": recorded["config"], "class_names": recorded["class_names"], "model": state, "ema": None,
+                "scheduler": {"total_steps": 10}}, ckpt)  # the old scheduler state: total_steps only
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = load_detector(ckpt, overrides=["eval.score_threshold=0", "precision.amp=false"])
+    (pred,) = loaded.predict([np.zeros((60, 80, 3), np.uint8)], threshold=0.0)
+    assert (pred.width, pred.height) == (80, 60) and len(pred) > 0
