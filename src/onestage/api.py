@@ -65,13 +65,6 @@ def model_state(ckpt: dict[str, Any], use_ema: bool) -> dict[str, torch.Tensor]:
     return ckpt["model"]
 
 
-def eval_transform(cfg: Config) -> EvalTransform | LetterboxEvalTransform:
-    """The inference transform the model was trained for (``build.build_transform``'s eval branch)."""
-    from onestage.build import build_transform
-
-    return build_transform(cfg, train=False)  # type: ignore[return-value]
-
-
 class LoadedDetector:
     """A trained detector ready to predict on images (see the module docstring)."""
 
@@ -79,7 +72,9 @@ class LoadedDetector:
         self.detector = detector
         self.cfg = cfg
         self.device = device
-        self.transform = eval_transform(cfg)
+        from onestage.build import build_transform
+
+        self.transform: EvalTransform | LetterboxEvalTransform = build_transform(cfg, train=False)  # type: ignore[assignment]
         self.detector.model.to(device).eval()
         if cfg.precision.channels_last:
             self.detector.model.to(memory_format=torch.channels_last)

@@ -86,6 +86,12 @@ class YoloTargets:
         return ~self.obj_mask & ~self.noobj_mask
 
 
+def assignable(cxcywh: Tensor, gt_labels: Tensor) -> Tensor:
+    """(B, M) bool: the objects YOLOv3 can assign: a label (not padding) and a box of positive
+    width and height (a degenerate box has no defined ``log(w / anchor_w)``). cxcywh: (B, M, 4)."""
+    return (gt_labels >= 0) & (cxcywh[..., 2] > 0) & (cxcywh[..., 3] > 0)
+
+
 @torch.no_grad()
 def assign_yolov3(
     gt_boxes: Tensor,
@@ -123,7 +129,7 @@ def assign_yolov3(
     batch, num_gt = gt_labels.shape
     boxes = gt_boxes.to(device=device, dtype=torch.float32).reshape(batch, num_gt, 4)  # (B, M, 4)
     cxcywh = xyxy_to_cxcywh(boxes)  # (B, M, 4)
-    valid = (gt_labels >= 0) & (cxcywh[..., 2] > 0) & (cxcywh[..., 3] > 0)  # (B, M)
+    valid = assignable(cxcywh, gt_labels)  # (B, M)
 
     groups = [a.to(device=device, dtype=torch.float32).reshape(-1, 2) for a in anchors]
     sizes = [g.shape[0] for g in groups]

@@ -15,8 +15,8 @@ import torch
 from torch import Tensor
 
 from onestage.assign.ssd import BACKGROUND, IGNORE
-from onestage.assign.yolov3 import AssignMode, IgnoreBy, assign_yolov3
-from onestage.boxes import cxcywh_to_xyxy
+from onestage.assign.yolov3 import AssignMode, IgnoreBy, assign_yolov3, assignable
+from onestage.boxes import cxcywh_to_xyxy, xyxy_to_cxcywh
 from onestage.coders import yolov3_decode_boxes
 from onestage.families import Assignment, LayoutRow, positives_per_object
 from onestage.postprocess.yolov3 import YOLOv3PostProcessor
@@ -76,8 +76,7 @@ class YOLOv3Family:
             torch.where(t.obj_mask, t.gt_index, torch.where(t.ignore_mask, IGNORE, BACKGROUND)).reshape(batch, -1)
             for t in targets
         ], dim=1)  # (B, N)
-        wh = gt_boxes[..., 2:] - gt_boxes[..., :2]
-        valid = (gt_labels >= 0) & (wh > 0).all(dim=-1)  # degenerate boxes cannot be encoded (assign_yolov3)
+        valid = assignable(xyxy_to_cxcywh(gt_boxes.float()), gt_labels)  # the objects assign_yolov3 assigns
         intended = valid.long() * (1 if self.assign_mode == "global" else len(self.anchors))
         lost = intended - positives_per_object(roles, gt_labels.shape[1])
         return Assignment(roles=roles, valid=valid, extras={"lost": lost, "ignore_rule": rule, "targets": targets})
