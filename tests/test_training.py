@@ -177,6 +177,10 @@ def test_cli_errors_name_the_file(tmp_path, capsys):
     assert "nothing.pt" in capsys.readouterr().err
     assert cli_main(["train", str(tmp_path / "absent.yaml")]) == 2
     assert "absent.yaml: no such config file" in capsys.readouterr().err
+    binary = tmp_path / "weights.yaml"
+    binary.write_bytes(b"\x80\x02\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19.")  # a pickle's first bytes
+    assert cli_main(["inspect", str(binary)]) == 2
+    assert "weights.yaml: not a YAML text file" in capsys.readouterr().err
 
 
 def test_cli_train_eval_predict(tmp_path, capsys):
@@ -191,6 +195,12 @@ def test_cli_train_eval_predict(tmp_path, capsys):
     assert cli_main(["eval", *args[:1], str(run / "best.pt"), *TINY, "--json"]) == 0
     metrics = json.loads(capsys.readouterr().out)
     assert "voc_ap50" in metrics["metrics"]
+    # `eval CHECKPOINT`: the config the run was trained with (kept in the checkpoint), same val split
+    assert cli_main(["eval", str(run / "best.pt"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["metrics"] == metrics["metrics"]
+    assert cli_main(["eval", str(run / "best.pt"), "data.val.num_images=2", "eval.metrics=[voc]", "--json"]) == 0
+    assert sum(r["num_gt"] for r in json.loads(capsys.readouterr().out)["per_class"]) < sum(
+        r["num_gt"] for r in metrics["per_class"])
     images = run / "predictions"
     assert cli_main(["predict", args[0], str(run / "best.pt"), str(images), "--out", str(tmp_path / "pred"), "--threshold", "0.0"]) == 0
     dets = json.loads((tmp_path / "pred" / "detections.json").read_text())

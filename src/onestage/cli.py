@@ -7,6 +7,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
@@ -31,9 +32,11 @@ def _parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser(
         "eval", help="evaluate a checkpoint (or a COCO results file) on the config's validation split",
-        description="onestage eval CONFIG CHECKPOINT [key=value ...]  |  onestage eval --results FILE.json --dataset CONFIG",
+        description="onestage eval CONFIG CHECKPOINT [key=value ...]  |  onestage eval CHECKPOINT [key=value ...] (the "
+                    "run's own config, kept in the checkpoint)  |  onestage eval --results FILE.json --dataset CONFIG",
     )
-    e.add_argument("config", nargs="?", help="experiment YAML (its data.val split is the ground truth)")
+    e.add_argument("config", nargs="?", help="experiment YAML (its data.val split is the ground truth); "
+                                             "or the CHECKPOINT alone, to use the config it was trained with")
     e.add_argument("checkpoint", nargs="?", type=Path)
     e.add_argument("overrides", nargs="*")
     e.add_argument("--dataset", metavar="CONFIG", help="the config, when scoring --results without a checkpoint")
@@ -270,16 +273,18 @@ def _finish_run(cfg: Config, run_dir: Path, summary: dict) -> None:
 
 
 # ----------------------------------------------------------------------------- eval
-def _load_for_eval(cfg: Config, checkpoint: Path, measure_precision: bool = True):
+def _load_for_eval(cfg: Config | None, checkpoint: Path, measure_precision: bool = True, overrides: Sequence[str] = ()):
     """(detector, the inference config, val dataset, its spec, device) for evaluating ``checkpoint``.
 
     The architecture and the input transform are the checkpoint's (``onestage.api``); CONFIG
-    chooses the data and the inference settings. Only the val split is read.
+    (default: the checkpoint's own, with ``overrides``) chooses the data and the inference
+    settings. Only the val split is read.
     """
     from onestage.api import load_detector
     from onestage.build import build_eval_dataset, read_dataset
 
-    loaded = load_detector(checkpoint, config=cfg, batch_size=cfg.train.batch_size, measure_precision=measure_precision)
+    batch = cfg.train.batch_size if cfg is not None else 16
+    loaded = load_detector(checkpoint, config=cfg, overrides=overrides, batch_size=batch, measure_precision=measure_precision)
     val_spec = read_dataset(loaded.cfg.data.val, loaded.cfg, class_names=loaded.class_names)
     val_ds = build_eval_dataset(loaded.cfg, val_spec, loaded.class_names)
     return loaded.detector, loaded.cfg, val_ds, val_spec, loaded.device
@@ -321,12 +326,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
     config = args.dataset or args.config
     if config is None:
         raise ConfigError("eval: give CONFIG (or --dataset CONFIG with --results)")
-    cfg = load_config(config, args.overrides)
+    if args.dataset is None and args.results is None and Path(config).suffix not in (".yaml", ".yml"):
+        # `eval CHECKPOINT [key=value ...]`: the run's own config (kept in the checkpoint) and its val split
+        args.overrides = [str(args.checkpoint)] * (args.checkpoint is not None) + list(args.overrides)
+        args.checkpoint, cfg = Path(config), None
+    else:
+        cfg = load_config(config, args.overrides)
     if args.results is not None:
         return _score_results(cfg, args.results, args.json)
     if args.checkpoint is None:
         raise ConfigError("eval: give a CHECKPOINT to evaluate, or --results FILE.json to score")
-    detector, cfg, val_ds, val_spec, device = _load_for_eval(cfg, args.checkpoint)
+    detector, cfg, val_ds, val_spec, device = _load_for_eval(cfg, args.checkpoint, overrides=args.overrides if cfg is None else ())
     result, dets = _evaluate_and_report(cfg, detector, val_ds, device, args.out, progress=not args.json, quiet=args.json)
     if args.out is not None:
         from onestage.config import dump_config

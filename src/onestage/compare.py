@@ -5,7 +5,9 @@ Each config is trained with the same data, seed and time budget (the first confi
 model is measured by the same code in the same process: its outputs (``inspect.describe``),
 its assignment on the training split (``explore``, under its own predictions), its loss terms
 at the start and end of training (``metrics.csv``), its accuracy on the val split (VOC and
-COCO AP, per class, the error breakdown of ``eval.plots.confusion_summary``) and its speed.
+COCO AP, per class, the error breakdown of ``eval.plots.confusion_summary``), its speed and,
+when the val split is video or ``--video`` names held-out videos, its temporal stability
+(``eval.stability``).
 
 Written to ``--out``: ``compare.md`` and ``compare.json`` (the table: a list of rows, one dict
 each with ``section``, ``row`` and one value per model), ``detections.png`` (the same
@@ -29,7 +31,7 @@ import torch
 
 from onestage.config import Config, ConfigError, load_config
 
-STABILITY_NA = "n/a (no video val data)"
+STABILITY_NA = "n/a (no video: the val split is images; --video DIR measures it)"
 
 
 # ----------------------------------------------------------------------------- training
@@ -149,7 +151,45 @@ def training_precision(run_dir: Path) -> str:
     return _precision_words(decision.get("amp"), decision.get("dtype"))
 
 
-def measure_run(run_dir: Path, assign_images: str, progress: bool, repeats: int = 5) -> tuple[dict[str, Any], Any]:
+def evaluate_on_video(loaded: Any, video: Path, progress: bool = False) -> tuple[Any, int]:
+    """(EvalResult with ``stability``, frames) of a loaded detector on a ``format: mot`` folder."""
+    from onestage.build import build_eval_dataset, read_dataset
+    from onestage.config import DatasetConfig
+    from onestage.engine.evaluate import evaluate
+
+    spec = read_dataset(DatasetConfig(format="mot", root=Path(video)), loaded.cfg, class_names=loaded.class_names)
+    dataset = build_eval_dataset(loaded.cfg, spec, loaded.class_names)
+    result, _ = evaluate(loaded.detector, dataset, loaded.cfg, loaded.device, progress=progress)
+    return result, len(dataset)
+
+
+def stability_column(result: Any, frames: int, source: str) -> dict[str, Any]:
+    """The stability figures of an evaluation on video (``eval.stability``, Zhang & Wang 2016),
+    VOC AP@0.5 on the same frames and the share of annotated objects detected at the display
+    threshold."""
+    s, tracks = result.stability, result.stability.tracks
+    return {
+        "source": source, "frames": frames, "tracks": int(s.num_tracks.sum()),
+        "voc_ap50": float(result.metrics["voc_ap50"]),
+        "found_fixed": float(tracks.detected.sum() / max(int(tracks.length.sum()), 1)), **s.metrics(),
+    }
+
+
+def measure_stability(
+    loaded: Any, val_result: Any, val_frames: int, video: Path | None, progress: bool
+) -> dict[str, Any] | str:
+    """Stability from the val split (``val_result``) when it is video, else from ``video``, else
+    ``STABILITY_NA``."""
+    if val_result.stability is not None:
+        return stability_column(val_result, val_frames, "val split")
+    if video is None:
+        return STABILITY_NA
+    return stability_column(*evaluate_on_video(loaded, video, progress), str(video))
+
+
+def measure_run(
+    run_dir: Path, assign_images: str, progress: bool, repeats: int = 5, video: Path | None = None
+) -> tuple[dict[str, Any], Any]:
     """Every number of one model's column; also (loaded detector, val dataset, detections) for the figure."""
     from onestage.api import load_detector
     from onestage.build import build_eval_dataset, read_dataset
@@ -189,7 +229,7 @@ def measure_run(run_dir: Path, assign_images: str, progress: bool, repeats: int 
         "accuracy": result_to_json(result), "errors": {k: v for k, v in errors.items() if k != "per_class"},
         "errors_per_class": errors["per_class"],
         "latency": [inference_latency(loaded, batch16[:1], repeats), inference_latency(loaded, batch16, repeats)],
-        "stability": STABILITY_NA,
+        "stability": measure_stability(loaded, result, len(val_ds), video, progress),
     }
     return column, (loaded, val_ds, dets)
 
@@ -247,8 +287,23 @@ def _cell_rows(m: dict[str, Any]) -> list[tuple[str, str, str]]:
          f"{1000 * b16['total_s']:.0f} / {1000 * b16['total_s'] / b16['batch']:.1f}"),
         ("speed", "decode + NMS share of inference, batch 1 / 16",
          f"{100 * b1['decode_share']:.0f}% / {100 * b16['decode_share']:.0f}%"),
-        ("stability", "temporal stability on video", m["stability"]),
+        *_stability_rows(m["stability"]),
     ]
+
+
+def _stability_rows(st: dict[str, Any] | str) -> list[tuple[str, str, str]]:
+    """The stability section: the same rows with or without video (``STABILITY_NA`` in each)."""
+    rows = ["video frames, tracks, VOC AP@0.5 on those frames",
+            "E_F / E_C / E_R (mean over score thresholds 0.1..0.9; lower is steadier)",
+            "Phi = E_F + E_C + E_R: mean over 0.1..0.9 / at the display threshold",
+            "annotated objects detected at the display threshold"]
+    if isinstance(st, str):
+        return [("stability", row, st) for row in rows]
+    cells = [f"{st['frames']} frames ({st['source']}), {st['tracks']} tracks, AP {_f(st['voc_ap50'])}",
+             " / ".join(_f(st[f"stability_{k}"]) for k in ("fragment", "center", "scale_ratio")),
+             f"{_f(st['stability_total'])} / {_f(st['stability_total_fixed'])} (score >= {st['stability_threshold']:g})",
+             f"{100 * st['found_fixed']:.0f}%"]
+    return [("stability", row, cell) for row, cell in zip(rows, cells)]
 
 
 def build_table(columns: dict[str, dict[str, Any]]) -> list[dict[str, str]]:
@@ -316,11 +371,16 @@ def write_html_report(out_dir: Path, table: list[dict[str, str]], figures: list[
 def compare(
     configs: Sequence[Path], out_dir: Path, budget: float | None = None, runs: Sequence[Path] | None = None,
     assign_images: str = "200", draw: int = 4, max_steps: int | None = None, progress: bool = True,
-    latency_repeats: int = 5,
+    latency_repeats: int = 5, video: Path | None = None,
 ) -> Path:
-    """Train (or take ``runs``), measure, write the table and figures; returns ``compare.md``."""
+    """Train (or take ``runs``), measure, write the table and figures; returns ``compare.md``.
+    ``video``: a ``format: mot`` folder of held-out videos for the stability rows (read first, so
+    that a bad folder fails before any training)."""
+    from onestage.data.mot import read_mot
     from onestage.explore import plot_histograms
 
+    if video is not None:
+        read_mot(Path(video))
     out_dir.mkdir(parents=True, exist_ok=True)
     if runs:
         if configs and len(configs) != len(runs):
@@ -335,7 +395,7 @@ def compare(
     columns, models = {}, {}
     for name, run_dir in zip(names, run_dirs):
         print(f"[compare] measuring {name} ({run_dir})", file=sys.stderr)
-        columns[name], models[name] = measure_run(Path(run_dir), assign_images, progress, latency_repeats)
+        columns[name], models[name] = measure_run(Path(run_dir), assign_images, progress, latency_repeats, video)
     table = build_table(columns)
     figures = [draw_side_by_side(models, out_dir / "detections.png", draw)]
     figures += [plot_histograms(c["assignment"]["summary"], f"{n} ({c['family']})", out_dir / f"assign_{n}.png")

@@ -540,6 +540,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        except UnicodeDecodeError as exc:  # e.g. a checkpoint given where a config was expected
+            raise ConfigError(f"{path}: not a YAML text file (byte {exc.start} is not UTF-8); "
+                              "a config is a .yaml experiment file") from exc
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
     cfg = config_from_dict(apply_overrides(data, overrides or []), source)

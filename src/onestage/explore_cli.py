@@ -33,7 +33,7 @@ def add_assign_parser(sub) -> None:
 def add_compare_parser(sub) -> None:
     c = sub.add_parser(
         "compare", help="train (or take) several detectors on the same data and measure them side by side",
-        description="onestage compare CONFIG_A CONFIG_B [...] --out DIR [--budget MINUTES] [--runs RUN_A RUN_B ...]",
+        description="onestage compare CONFIG_A CONFIG_B [...] --out DIR [--budget MINUTES] [--runs RUN_A RUN_B ...] [--video DIR]",
     )
     c.add_argument("configs", nargs="*", help="experiment YAMLs (same data and input size)")
     c.add_argument("--out", type=Path, required=True)
@@ -41,6 +41,9 @@ def add_compare_parser(sub) -> None:
     c.add_argument("--runs", type=Path, nargs="+", help="finished run folders to measure instead of training")
     c.add_argument("--assign-images", default="200", help="training images the assignment rows count ('all' or N; default 200)")
     c.add_argument("--draw", type=int, default=4, help="validation images drawn side by side (default 4)")
+    c.add_argument("--video", type=Path, metavar="DIR",
+                   help="held-out videos with tracks (a format: mot folder, e.g. from `onestage data make-video`) "
+                        "for the stability rows; without it they are measured only when the val split is video")
     c.add_argument("--latency-repeats", type=int, default=5, help="timed passes per latency (median; default 5)")
     c.add_argument("--max-steps", type=int, help=argparse.SUPPRESS)  # smoke tests
     c.add_argument("--no-progress", action="store_true")
@@ -78,7 +81,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     table_md = compare(
         [Path(c) for c in args.configs], args.out, budget=args.budget, runs=args.runs,
         assign_images=args.assign_images, draw=args.draw, max_steps=args.max_steps, progress=not args.no_progress,
-        latency_repeats=args.latency_repeats,
+        latency_repeats=args.latency_repeats, video=args.video,
     )
     print(table_md.read_text())
     print(f"[compare] table, JSON and figures in {args.out}", file=sys.stderr)
