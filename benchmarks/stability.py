@@ -1,16 +1,16 @@
 """Is YOLOv1 (98 candidates) less stable on video than SSD and YOLOv3? (seed 000, issue 18)
 
-    PYTHONPATH=src .venv/bin/python benchmarks/stability.py [--minutes 3] [--size 128] [--backbone tiny]
-        [--videos 4] [--frames 50] [--models ssdlite yolov3 yolov1]
+    PYTHONPATH=src .venv/bin/python benchmarks/stability.py [--minutes 12] [--videos 8] [--frames 60]
+        [--runs RUN_SSDLITE RUN_YOLOV3 RUN_YOLOV1]
 
-Trains the SSDLite, YOLOv3 and YOLOv1 heads on the same backbone (default the small ``tiny``
-CPU backbone of configs/yolov1_shapes.yaml, 4x cheaper per step than MobileNetV2 width 0.5:
-``--backbone mobilenet_v2``), the same input size and the same time budget, each with its own shapes
-config's recipe otherwise (configs/demo_shapes.yaml, yolov3_shapes.yaml, yolov1_shapes.yaml:
-optimizer, augmentation preset), on the built-in shapes *images*. Then scores each on the
-same held-out generated *videos* (``onestage data make-video``, a seed no training image
+Trains the equal-terms configs of ``onestage compare`` (configs/compare/{ssdlite,yolov3,yolov1}_shapes.yaml:
+one MobileNetV2 width 0.5 backbone, input 256, the same data, augmentation, optimizer, batch,
+seed and ``--minutes`` budget; only the head differs) on the built-in shapes *images*, or takes
+finished run folders (``--runs``, e.g. those ``onestage compare`` trained). Then scores each on
+the same held-out generated *videos* (``onestage data make-video``, a seed no training image
 uses): VOC mAP@0.5 on every frame and the stability error (Zhang & Wang 2016) averaged over
 score thresholds 0.1..0.9 and at the display threshold. Prints one table (and the CPU).
+``onestage compare ... --video DIR`` puts the same figures in its table.
 """
 
 from __future__ import annotations
@@ -19,23 +19,16 @@ import argparse
 import json
 import platform
 import subprocess
-import time
 from pathlib import Path
 
 import torch
 
-from onestage.build import build_detector, build_eval_dataset, read_dataset
-from onestage.config import load_config
+from onestage.api import load_detector
+from onestage.compare import evaluate_on_video, read_metrics_csv, stability_column, train_all
 from onestage.data.moving_shapes import write_moving_shapes
-from onestage.engine.checkpoint import load_checkpoint
-from onestage.engine.evaluate import evaluate
-from onestage.engine.trainer import train
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = {"ssdlite": "demo_shapes.yaml", "yolov3": "yolov3_shapes.yaml", "yolov1": "yolov1_shapes.yaml"}
-BACKBONES = {"tiny": ["model.backbone=tiny"],
-             "mobilenet_v2": ["model.backbone=mobilenet_v2", "model.width_mult=0.5", "model.mobilenet_taps=expansion"]}
-YOLOV3_ANCHOR_SIZE = 320  # configs/yolov3_shapes.yaml's anchors are pixels at input 320
+CONFIGS = [ROOT / "configs" / "compare" / f"{name}_shapes.yaml" for name in ("ssdlite", "yolov3", "yolov1")]
 
 
 def cpu_name() -> str:
@@ -44,78 +37,46 @@ def cpu_name() -> str:
     return f"{model} ({torch.get_num_threads()} threads, {torch.backends.cpu.get_cpu_capability()})"
 
 
-def model_overrides(name: str, backbone: str, size: int, minutes: float, out: Path) -> list[str]:
-    base, extra = CONFIGS[name], BACKBONES[backbone]
-    over = [f"model.input_size={size}", f"train.time_budget={minutes}", f"train.out_dir={out}",
-            f"train.name={name}", "data.val.num_images=32", "train.eval_every=1000",
-            # equal terms for a short budget: the same short warmup, 1000 distinct training images
-            "schedule.warmup_steps=10", "data.train.num_images=1000", *extra]
-    if name == "yolov3":
-        cfg = load_config(ROOT / "configs" / base)
-        k = size / YOLOV3_ANCHOR_SIZE
-        sizes = [[[round(w * k), round(h * k)] for w, h in scale] for scale in cfg.model.anchors.sizes]
-        over.append(f"model.anchors.sizes={json.dumps(sizes)}")
-    return over
-
-
-def score_on_videos(name: str, backbone: str, size: int, run_dir: Path, videos: Path) -> dict:
-    cfg = load_config(ROOT / "configs" / CONFIGS[name], model_overrides(name, backbone, size, 1, run_dir.parent)
-                      + [f"data.val={{format: mot, root: {videos}}}"])
-    ckpt = load_checkpoint(run_dir / "last.pt")
-    class_names = list(ckpt["class_names"])
-    detector = build_detector(cfg, class_names)
-    state = ckpt["ema"]["shadow"] if ckpt.get("ema") is not None and cfg.ema.use_for_eval else ckpt["model"]
-    detector.model.load_state_dict(state)
-    spec = read_dataset(cfg.data.val, cfg, class_names=class_names)
-    dataset = build_eval_dataset(cfg, spec, class_names)
-    start = time.perf_counter()
-    result, _ = evaluate(detector, dataset, cfg, torch.device("cpu"), progress=False)
-    m = result.metrics
-    t = result.stability.tracks  # per track at the fixed threshold
-    return {
-        "model": name, "candidates": sum(r.candidates for r in detector.layout),
-        "map50": m["voc_ap50"], **{k: v for k, v in m.items() if k.startswith("stability_")},
-        "found_fixed": float(t.detected.sum() / max(t.length.sum(), 1)),  # objects detected at the threshold
-        "frames": len(dataset), "eval_s": time.perf_counter() - start,
-    }
+def score_run(run_dir: Path, videos: Path) -> dict:
+    """One row: the run's model (best.pt, else last.pt) on the videos."""
+    ckpt = run_dir / "best.pt" if (run_dir / "best.pt").exists() else run_dir / "last.pt"
+    loaded = load_detector(ckpt, device="cpu")
+    result, frames = evaluate_on_video(loaded, videos)
+    metrics = read_metrics_csv(run_dir / "metrics.csv")
+    return {"model": run_dir.name, "arch": loaded.cfg.model.arch, "steps": metrics[-1]["step"] if metrics else "?",
+            "candidates": sum(r.candidates for r in loaded.detector.layout),
+            **stability_column(result, frames, str(videos))}
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--minutes", type=float, default=3.0, help="training budget per model")
-    p.add_argument("--size", type=int, default=128, help="input size of every model")
-    p.add_argument("--backbone", default="tiny", choices=list(BACKBONES), help="the backbone of every model")
-    p.add_argument("--videos", type=int, default=4)
-    p.add_argument("--frames", type=int, default=50)
+    p.add_argument("--minutes", type=float, default=12.0, help="training budget per model (whole run)")
+    p.add_argument("--videos", type=int, default=8)
+    p.add_argument("--frames", type=int, default=60)
     p.add_argument("--video-seed", type=int, default=1000)
-    p.add_argument("--models", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "stability")
-    p.add_argument("--skip-training", action="store_true", help="score the runs already in --out")
+    p.add_argument("--runs", type=Path, nargs="+", help="finished run folders to score instead of training")
     args = p.parse_args()
     videos = args.out / "videos"
     if not (videos / "classes.txt").is_file():
         write_moving_shapes(videos, args.videos, args.frames, seed=args.video_seed)
+    runs = args.runs or train_all(CONFIGS, args.out / "runs", args.minutes, None, progress=False)[0]
     rows = []
-    for name in args.models:
-        run_dir = args.out / name
-        if not args.skip_training:
-            cfg = load_config(ROOT / "configs" / CONFIGS[name],
-                              model_overrides(name, args.backbone, args.size, args.minutes, args.out))
-            summary = train(cfg, run_dir, progress=False)
-            print(f"[{name}] trained {summary.get('images_seen')} images in {summary.get('seconds', 0) / 60:.1f} min",
-                  flush=True)
-        rows.append(score_on_videos(name, args.backbone, args.size, run_dir, videos))
+    for run_dir in runs:
+        rows.append(score_run(Path(run_dir), videos))
         print(json.dumps(rows[-1]), flush=True)
     print(f"\nCPU: {cpu_name()}; python {platform.python_version()}, torch {torch.__version__}")
-    print(f"{args.videos} held-out videos x {args.frames} frames (320x240, seed {args.video_seed}); "
-          f"{args.backbone} backbone, input {args.size}, {args.minutes:g} min of training per model on shapes images")
-    head = (f"{'model':<8} {'cand.':>6} {'mAP50':>6} | averaged over 0.1..0.9: {'E_F':>6} {'E_C':>6} {'E_R':>6} "
-            f"{'Phi':>6} | at {rows[0]['stability_threshold']:g}: {'found':>6} {'E_F':>6} {'E_C':>6} {'E_R':>6} {'Phi':>6}")
+    print(f"{rows[0]['frames']} frames of held-out videos in {videos} (seed {args.video_seed}), "
+          f"{rows[0]['tracks']} tracks")
+    head = (f"{'model':<16} {'steps':>6} {'cand.':>6} {'mAP50':>6} | averaged over 0.1..0.9: {'E_F':>6} {'E_C':>6} "
+            f"{'E_R':>6} {'Phi':>6} | at {rows[0]['stability_threshold']:g}: {'found':>6} {'E_F':>6} {'E_C':>6} "
+            f"{'E_R':>6} {'Phi':>6}")
     print(head)
     for r in rows:
         avg = " ".join(f"{r['stability_' + k]:6.3f}" for k in ("fragment", "center", "scale_ratio", "total"))
         fix = " ".join(f"{r['stability_' + k + '_fixed']:6.3f}" for k in ("fragment", "center", "scale_ratio", "total"))
-        print(f"{r['model']:<8} {r['candidates']:>6} {r['map50']:6.3f} | {'':>23}{avg} | {'':>6}{r['found_fixed']:6.3f} {fix}")
+        print(f"{r['model']:<16} {r['steps']:>6} {r['candidates']:>6} {r['voc_ap50']:6.3f} | {'':>23}{avg} | "
+              f"{'':>6}{r['found_fixed']:6.3f} {fix}")
 
 
 if __name__ == "__main__":
