@@ -17,6 +17,7 @@ from onestage.eval.stability import (
     match_frames,
     stability_error,
     stability_to_json,
+    threshold_at_recall,
     track_errors,
 )
 
@@ -85,6 +86,23 @@ def test_flicker_of_the_score_counts_only_at_thresholds_between_the_two_scores()
     np.testing.assert_allclose(frag, expected)
     assert r.averaged[0] == pytest.approx(5 / 9)
     assert r.fixed[0] == pytest.approx(1.0)
+
+
+def test_threshold_at_recall_is_the_highest_score_that_detects_that_share():
+    n = 5
+    # track 1 matched with scores 0.9 .. 0.5; track 2 matched at 0.3 on frames 0-2 and never after
+    scores = [0.9, 0.8, 0.7, 0.6, 0.5]
+    tracks = {1: (0, [(moving_box(t), moving_box(t), scores[t]) for t in range(n)]),
+              2: (1, [(moving_box(t, 200), moving_box(t, 200) if t < 3 else None, 0.3) for t in range(n)])}
+    m = match_frames(frames_from(tracks, n))
+    assert threshold_at_recall(m, 0.5) == 0.5  # 10 objects: the 5th best score detects 5 of them
+    assert threshold_at_recall(m, 0.4) == 0.6
+    assert threshold_at_recall(m, 0.1) == 0.9
+    assert threshold_at_recall(m, 0.8) == 0.3
+    t = track_errors(m, threshold_at_recall(m, 0.5))
+    assert t.detected.sum() / t.length.sum() >= 0.5
+    with pytest.raises(ValueError, match="80% of the annotated objects"):  # 2 objects never matched
+        threshold_at_recall(m, 0.9)
 
 
 def test_constant_offset_costs_nothing_and_known_jitter_is_given_back():

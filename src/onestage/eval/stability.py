@@ -275,6 +275,23 @@ def stability_error(
     )
 
 
+def threshold_at_recall(m: MatchedObjects, recall: float) -> float:
+    """The highest score threshold at which at least ``recall`` of the annotated objects (the
+    rows of ``m``) are detected. Comparing detectors at a fixed threshold confounds stability
+    with recall: a detector that rarely passes the threshold misses most objects steadily and
+    has a low E_F. At equal recall the errors compare like with like. Raises ``ValueError``
+    when the detector never reaches that recall at any score."""
+    if not 0.0 < recall <= 1.0:
+        raise ValueError(f"recall must be in (0, 1], got {recall}")
+    scores = np.sort(m.score)[::-1]  # -inf: objects no detection matched
+    k = math.ceil(recall * len(scores) - 1e-9)
+    if len(scores) == 0 or not np.isfinite(scores[k - 1]):
+        reach = float(np.isfinite(scores).mean()) if len(scores) else 0.0
+        raise ValueError(f"stability: the detector finds {reach:.0%} of the annotated objects at any score; "
+                         f"recall {recall:g} is out of reach")
+    return float(scores[k - 1])
+
+
 # --------------------------------------------------------------------------- report
 def _f(x: float) -> str:
     return "   n/a" if math.isnan(x) else f"{x:6.3f}"
