@@ -326,7 +326,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     config = args.dataset or args.config
     if config is None:
         raise ConfigError("eval: give CONFIG (or --dataset CONFIG with --results)")
-    if args.dataset is None and args.results is None and Path(config).suffix not in (".yaml", ".yml"):
+    if args.dataset is None and args.results is None and Path(config).suffix in (".pt", ".pth", ".ckpt"):
         # `eval CHECKPOINT [key=value ...]`: the run's own config (kept in the checkpoint) and its val split
         args.overrides = [str(args.checkpoint)] * (args.checkpoint is not None) + list(args.overrides)
         args.checkpoint, cfg = Path(config), None

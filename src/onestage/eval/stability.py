@@ -284,7 +284,7 @@ def threshold_at_recall(m: MatchedObjects, recall: float) -> float:
     if not 0.0 < recall <= 1.0:
         raise ValueError(f"recall must be in (0, 1], got {recall}")
     scores = np.sort(m.score)[::-1]  # -inf: objects no detection matched
-    k = math.ceil(recall * len(scores) - 1e-9)
+    k = max(math.ceil(recall * len(scores) - 1e-9), 1)  # - 1e-9: 0.5 * 10 is 5 objects, not 6
     if len(scores) == 0 or not np.isfinite(scores[k - 1]):
         reach = float(np.isfinite(scores).mean()) if len(scores) else 0.0
         raise ValueError(f"stability: the detector finds {reach:.0%} of the annotated objects at any score; "
