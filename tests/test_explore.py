@@ -246,3 +246,28 @@ def test_compare_stability_rows_come_from_held_out_videos(tmp_path, no_calibrati
     by_row = {r["row"]: r for r in data["table"]}
     assert by_row[STABILITY_ROWS[0]]["yolov1"].startswith(f"12 frames ({videos})")
     assert by_row[STABILITY_ROWS[3]]["ssdlite"].endswith("%")
+
+
+# ----------------------------------------------------------------------------- configs
+COMPARE_CONFIGS = sorted((ROOT / "configs/compare").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", COMPARE_CONFIGS, ids=lambda p: p.name)
+def test_compare_configs_load_and_build(path):
+    cfg = load_config(path)
+    if cfg.model.backbone == "darknet53":  # the layout does not depend on the width; a full Darknet-53 is slow to build
+        cfg = load_config(path, ["model.width_mult=0.25"])
+    det = build_detector(cfg, CLASSES)
+    assert det.family is not None and sum(r.candidates for r in det.layout) > 0
+
+
+@pytest.mark.parametrize("data", ["shapes", "bccd"])
+def test_compare_triples_differ_only_in_the_head(data):
+    dumps = []
+    for arch in ("ssdlite", "yolov3", "yolov1"):
+        d = load_config(ROOT / f"configs/compare/{arch}_{data}.yaml").model_dump(mode="json")
+        for key in ("arch", "anchors", "yolov3", "yolov1", "priors", "extra_channels", "ssd"):
+            d["model"].pop(key)
+        d["train"].pop("name")
+        dumps.append(d)
+    assert dumps[0] == dumps[1] == dumps[2]
