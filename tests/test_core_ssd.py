@@ -339,6 +339,25 @@ def test_batched_nms_matches_brute_force(seed, n, thr):
     assert keep.tolist() == _greedy_nms_reference(boxes, scores.tolist(), labels.tolist(), thr)
 
 
+@given(st.integers(0, 100_000), st.integers(1, 30), st.floats(0.1, 0.9))
+@settings(max_examples=40, deadline=None)
+def test_nms_keep_mask_with_invalid_entries_matches_brute_force_per_row(seed, n, thr):
+    """A batch of rows sorted by score, each with its own invalid entries (a valid prefix, as
+    after a score threshold, or scattered; all invalid in one row): each row's keep mask is
+    the greedy NMS of its valid entries alone (the trimmed (K x K) work changes nothing)."""
+    g = torch.Generator().manual_seed(seed)
+    xy = torch.rand(3, n, 2, generator=g)
+    boxes = torch.cat([xy, xy + torch.rand(3, n, 2, generator=g) * 0.4 + 0.01], -1)
+    labels = torch.randint(0, 2, (3, n), generator=g)
+    prefix = int(torch.randint(0, n + 1, (1,), generator=g))
+    valid = torch.stack([torch.arange(n) < prefix, torch.rand(n, generator=g) < 0.5, torch.zeros(n, dtype=torch.bool)])
+    keep = nms_keep_mask(boxes, valid, thr, labels=labels)
+    for r in range(3):
+        idx = valid[r].nonzero().flatten().tolist()  # already in score order: scores = -index
+        kept = _greedy_nms_reference(boxes[r, idx], [-i for i in idx], labels[r, idx].tolist(), thr)
+        assert keep[r].nonzero().flatten().tolist() == [idx[i] for i in kept]
+
+
 def test_nms_keep_mask_chain():
     # A suppresses B, B would suppress C; greedy keeps A and C (B is gone, C survives).
     boxes = torch.tensor([[[0.0, 0, 10, 10], [4, 0, 14, 10], [8, 0, 18, 10]]])

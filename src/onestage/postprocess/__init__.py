@@ -67,6 +67,16 @@ def nms_keep_mask(
     k = boxes.shape[-2]
     if k == 0:
         return valid.clone()
+    # Entries past the last one valid in any row take no part: leave them out of the (K x K)
+    # work. At an evaluation threshold (0.001) YOLOv3's top 1000 hold 0-130 valid pairs per
+    # image, and the IoU matrix of all 1000 was 80% of its batch-16 inference.
+    used = int(valid.reshape(-1, k).any(dim=0).nonzero().max()) + 1 if bool(valid.any()) else 0
+    if used < k:
+        keep = torch.zeros_like(valid)
+        if used:
+            keep[..., :used] = nms_keep_mask(boxes[..., :used, :], valid[..., :used], iou_threshold, dtype,
+                                             None if labels is None else labels[..., :used])
+        return keep
     suppresses = box_iou(boxes, boxes, dtype=dtype) > iou_threshold  # (..., K, K) [j, i]
     if labels is not None:
         suppresses &= labels[..., :, None] == labels[..., None, :]
