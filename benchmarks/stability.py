@@ -28,7 +28,7 @@ import torch
 from onestage.api import load_detector
 from onestage.compare import evaluate_on_video, read_metrics_csv, stability_column, train_all
 from onestage.data.moving_shapes import write_moving_shapes
-from onestage.eval.stability import ERROR_NAMES, stability_error, threshold_at_recall, track_errors
+from onestage.eval.stability import ERROR_NAMES, stability_error, threshold_at_recall
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = [ROOT / "configs" / "compare" / f"{name}_shapes.yaml" for name in ("ssdlite", "yolov3", "yolov1")]
@@ -46,10 +46,9 @@ def at_recall(result, class_names: list[str], recall: float) -> dict:
         threshold = threshold_at_recall(result.stability.matched, recall)
     except ValueError:  # never reaches that recall
         return {"threshold": float("nan"), **{k: float("nan") for k in ERROR_NAMES}}
-    fixed = stability_error(result.stability.matched, class_names, fixed_threshold=threshold, thresholds=()).fixed
-    tracks = track_errors(result.stability.matched, threshold)
-    return {"threshold": threshold, **dict(zip(ERROR_NAMES, map(float, fixed))),
-            **{f"{k}_ci": bootstrap_ci(getattr(tracks, k)) for k in ("fragment", "center", "scale_ratio")}}
+    at = stability_error(result.stability.matched, class_names, fixed_threshold=threshold, thresholds=())
+    return {"threshold": threshold, **dict(zip(ERROR_NAMES, map(float, at.fixed))),
+            **{f"{k}_ci": bootstrap_ci(getattr(at.tracks, k)) for k in ("fragment", "center", "scale_ratio")}}
 
 
 def bootstrap_ci(per_track: np.ndarray, draws: int = 2000, seed: int = 0) -> tuple[float, float]:

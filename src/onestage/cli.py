@@ -326,9 +326,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     config = args.dataset or args.config
     if config is None:
         raise ConfigError("eval: give CONFIG (or --dataset CONFIG with --results)")
+    checkpoint_overrides: list[str] = []  # applied to the checkpoint's own config, when no CONFIG is given
     if args.dataset is None and args.results is None and Path(config).suffix in (".pt", ".pth", ".ckpt"):
-        # `eval CHECKPOINT [key=value ...]`: the run's own config (kept in the checkpoint) and its val split
-        args.overrides = [str(args.checkpoint)] * (args.checkpoint is not None) + list(args.overrides)
+        # `eval CHECKPOINT [key=value ...]`: argparse took the checkpoint as CONFIG and the first override as CHECKPOINT
+        checkpoint_overrides = [str(args.checkpoint)] * (args.checkpoint is not None) + list(args.overrides)
         args.checkpoint, cfg = Path(config), None
     else:
         cfg = load_config(config, args.overrides)
@@ -336,7 +337,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return _score_results(cfg, args.results, args.json)
     if args.checkpoint is None:
         raise ConfigError("eval: give a CHECKPOINT to evaluate, or --results FILE.json to score")
-    detector, cfg, val_ds, val_spec, device = _load_for_eval(cfg, args.checkpoint, overrides=args.overrides if cfg is None else ())
+    detector, cfg, val_ds, val_spec, device = _load_for_eval(cfg, args.checkpoint, overrides=checkpoint_overrides)
     result, dets = _evaluate_and_report(cfg, detector, val_ds, device, args.out, progress=not args.json, quiet=args.json)
     if args.out is not None:
         from onestage.config import dump_config
