@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -28,16 +27,12 @@ import torch
 from onestage.api import load_detector
 from onestage.compare import evaluate_on_video, read_metrics_csv, stability_column, train_all
 from onestage.data.moving_shapes import write_moving_shapes
+from onestage.engine.calibrate import cpu_info
 from onestage.eval.stability import ERROR_NAMES, stability_error, threshold_at_recall
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = [ROOT / "configs" / "compare" / f"{name}_shapes.yaml" for name in ("ssdlite", "yolov3", "yolov1")]
 
-
-def cpu_name() -> str:
-    out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    model = next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")), "?")
-    return f"{model} ({torch.get_num_threads()} threads, {torch.backends.cpu.get_cpu_capability()})"
 
 
 def at_recall(result, class_names: list[str], recall: float) -> dict:
@@ -92,7 +87,7 @@ def main() -> None:
     for run_dir in runs:
         rows.append(score_run(Path(run_dir), videos, args.recall))
         print(json.dumps(rows[-1]), flush=True)
-    print(f"\nCPU: {cpu_name()}; python {platform.python_version()}, torch {torch.__version__}")
+    print(f"\nCPU: {cpu_info().headline()}; python {platform.python_version()}, torch {torch.__version__}")
     print(f"{rows[0]['frames']} frames of held-out videos in {videos} (seed {args.video_seed}), "
           f"{rows[0]['tracks']} tracks")
     head = (f"{'model':<16} {'steps':>6} {'cand.':>6} {'mAP50':>6} | averaged over 0.1..0.9: {'E_F':>6} {'E_C':>6} "

@@ -15,7 +15,6 @@ threshold leaves fewer boxes, so post-processing and drawing only get cheaper.
 from __future__ import annotations
 
 import argparse
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -28,6 +27,7 @@ from onestage.build import build_detector
 from onestage.config import dump_config, load_config
 from onestage.data.moving_shapes import render_video
 from onestage.data.shapes import SHAPE_CLASSES
+from onestage.engine.calibrate import cpu_info
 from onestage.engine.checkpoint import save_checkpoint
 from onestage.video import predict_video, read_video_frames, write_video
 
@@ -42,11 +42,6 @@ def demo_checkpoint(path: Path, config: Path) -> Path:
     return save_checkpoint(path, {"model": detector.model.state_dict(), "config": dump_config(cfg),
                                   "class_names": list(SHAPE_CLASSES)})
 
-
-def cpu_name() -> str:
-    out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    model = next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")), "?")
-    return f"{model} ({torch.get_num_threads()} threads, {torch.backends.cpu.get_cpu_capability()})"
 
 
 def main() -> None:
@@ -82,7 +77,7 @@ def main() -> None:
 
         summary = predict_video(predict, SHAPE_CLASSES, video, Path(tmp) / "out", batch_size=args.batch,
                                 threshold=args.threshold, progress=False)
-    print(f"CPU: {cpu_name()}; torch {torch.__version__}")
+    print(f"CPU: {cpu_info().headline()}; torch {torch.__version__}")
     print(f"640x480, {args.frames} frames, batch {args.batch}, {args.config.name} model (random weights), "
           f"precision {'bf16 autocast' if det.cfg.precision.amp else 'fp32'} (chosen by the API)")
     print(f"decode only                          {decode:7.1f} frames/s")

@@ -136,6 +136,7 @@ def test_cuda_uses_bf16_without_scaler_or_fp16_with_it_unmeasured() -> None:
 def test_cpu_description_and_native_bf16() -> None:
     avx2 = CpuInfo("X", "AVX2", ("avx2",), 2, None)
     assert not avx2.native_bf16 and avx2.describe() == "AVX2 CPU without native bf16"
+    assert avx2.headline() == "X (2 threads, AVX2 CPU without native bf16)"  # what benchmarks print
     amx = CpuInfo("X", "AVX512", ("avx2", "avx512f", "avx512_bf16", "amx_bf16"), 2, None)
     assert amx.native_bf16 and amx.describe() == "AVX512 CPU with native bf16 (avx512_bf16, amx_bf16)"
     capped = CpuInfo("X", "AVX2", amx.flags, 2, "AVX2")  # ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2

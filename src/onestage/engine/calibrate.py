@@ -87,6 +87,11 @@ class CpuInfo:
             text += f" (torch capped below the hardware's {', '.join(hw)})"
         return text
 
+    def headline(self) -> str:
+        """The line a benchmark prints with its figures: model name, threads and what the CPU does
+        with bf16, e.g. ``Intel(R) Xeon(R) Processor (2 threads, AVX512 CPU with native bf16 (...))``."""
+        return f"{self.model} ({self.threads} threads, {self.describe()})"
+
     def to_json(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "native_bf16": self.native_bf16, "description": self.describe()}
 
